@@ -1,0 +1,1 @@
+"""The admin server of a cell: published models, replica placement, server membership."""

@@ -1,0 +1,299 @@
+"""The engine core: one thread that owns the runner and loops schedule -> run -> sample ->
+update -> fan-out.
+
+Callers (any thread) `submit` a `Request` with a sink and get `RequestOutput`s on it, from the
+engine thread, after every step that changed their request; `abort` drops a request before the
+next step. Score requests run on the same thread, between decode steps, in a borrowed slot.
+`close` stops the thread and fails what is still pending with UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from model_server.engine.detokenizer import Detokenizer
+from model_server.engine.request import (
+    FinishReason,
+    OutputSink,
+    Request,
+    RequestKind,
+    RequestOutput,
+    SampleOutput,
+)
+from model_server.engine.sampling import SamplerState, sample
+from model_server.engine.scheduler import SampleKey, Scheduler, SchedulerOutput, ScoreWork
+from sax.errors import InternalError, SaxError, UnavailableError
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner(Protocol):
+    """What the engine needs of `model_server.engine.runner.Runner` (see there)."""
+
+    num_slots: int
+    max_seq_len: int
+    vocab_size: int
+
+    def prefill(self, slot: int, tokens: Sequence[int], *, all_logits: bool = True) -> torch.Tensor:
+        """Logits [len(tokens), V] of the prompt run into `slot` ([1, V]: the last position's
+        only, when all_logits is False)."""
+        ...
+
+    def decode(
+        self, slots: Sequence[int], tokens: Sequence[int], positions: Sequence[int]
+    ) -> torch.Tensor:
+        """Logits [len(slots), V] of one step of several slots."""
+        ...
+
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        """Copies K/V positions [0, length) of src into dst."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load."""
+
+    steps: int
+    waiting: int
+    running: int
+    free_slots: int
+
+
+@dataclass
+class _Active:
+    """Engine-side state of a request."""
+
+    request: Request
+    sink: OutputSink
+    samplers: list[SamplerState] = field(default_factory=list)
+    detoks: list[Detokenizer] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    emitted: list[int] = field(default_factory=list)  # characters sent per sample
+
+    def out(self, **kwargs: object) -> RequestOutput:
+        return RequestOutput(self.request.request_id, **kwargs)  # type: ignore[arg-type]
+
+
+def _shutdown_error() -> UnavailableError:
+    return UnavailableError(
+        "the model is being unloaded or the server is shutting down; retry on another replica"
+    )
+
+
+class Engine:
+    """Continuous batching over a runner's KV cache slots, on its own thread."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        *,
+        decode: Callable[[Sequence[int]], str],
+        eos_ids: Collection[int],
+        max_queue: int,
+        max_batch_size: int,
+        max_prefill_tokens: int | None = None,
+        name: str = "engine",
+    ) -> None:
+        """`decode` turns token ids into text (the tokenizer's); a sample ends at any of
+        `eos_ids`. Decode batches hold at most `max_batch_size` samples."""
+        self._runner = runner
+        self._decode = decode
+        self._eos = frozenset(eos_ids)
+        self._scheduler = Scheduler(
+            runner.num_slots,
+            runner.max_seq_len,
+            max_queue=max_queue,
+            max_batch_size=max_batch_size,
+            max_prefill_tokens=max_prefill_tokens,
+        )
+        self._cond = threading.Condition()
+        self._active: dict[int, _Active] = {}
+        self._ids = itertools.count(1)
+        self._closing = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def new_request_id(self) -> int:
+        """A request id unused by this engine."""
+        with self._cond:
+            return next(self._ids)
+
+    def submit(self, request: Request, sink: OutputSink) -> None:
+        """Queues a request; its outputs go to `sink` on the engine thread. RESOURCE_EXHAUSTED
+        when the queue is full, UNAVAILABLE once the engine is closing."""
+        active = _Active(request, sink)
+        if request.kind is RequestKind.GENERATE:
+            n = len(request.samples)
+            vocab = self._runner.vocab_size
+            active.samplers = [SamplerState(o, vocab, request.prompt) for o in request.samples]
+            active.detoks = [
+                Detokenizer(self._decode, request.prompt, request.stop) for _ in range(n)
+            ]
+            active.scores = [0.0] * n
+            active.emitted = [0] * n
+        with self._cond:
+            if self._closing:
+                raise _shutdown_error()
+            self._scheduler.add(request)
+            self._active[request.request_id] = active
+            self._cond.notify()
+
+    def abort(self, request_id: int, error: SaxError) -> None:
+        """Drops a request before the next step (its slots are freed then); its sink gets one
+        last output carrying `error`. No-op when the request is already done."""
+        with self._cond:
+            if self._scheduler.abort(request_id, error):
+                self._cond.notify()
+
+    def stats(self) -> EngineStats:
+        with self._cond:
+            s = self._scheduler
+            return EngineStats(s.step, s.num_waiting, s.num_running, s.num_free_slots)
+
+    def close(self, timeout: float = 60.0) -> bool:
+        """Stops the engine thread after its current step; pending requests fail with
+        UNAVAILABLE. Idempotent. Returns whether the thread has stopped (the runner may only be
+        freed then)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                logger.warning("engine thread still running %.0fs after close", timeout)
+                return False
+        return True
+
+    # The engine thread.
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._closing and not self._scheduler.has_work():
+                        self._cond.wait()
+                    if self._closing:
+                        return
+                    output = self._scheduler.schedule(time.monotonic())
+                    aborted = [(self._active.pop(a.request_id, None), a) for a in output.aborted]
+                for active, a in aborted:
+                    if active is not None:
+                        self._deliver(active, active.out(finished=True, error=a.error))
+                self._step(output)
+        except BaseException:
+            logger.exception("the engine thread failed; failing its requests")
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._scheduler.drain()
+            actives, self._active = list(self._active.values()), {}
+        for active in actives:
+            self._deliver(active, active.out(finished=True, error=_shutdown_error()))
+
+    def _deliver(self, active: _Active, output: RequestOutput) -> None:
+        try:
+            active.sink(output)
+        except Exception:
+            logger.exception("output of request %d could not be delivered", output.request_id)
+            if not output.finished:
+                self.abort(output.request_id, InternalError("the caller's output sink failed"))
+
+    def _step(self, output: SchedulerOutput) -> None:
+        try:
+            logp = {w.request_id: self._score(w) for w in output.scores}
+            keys, tokens, token_logp = self._run_model(output)
+        except Exception as e:
+            logger.exception("engine step %d failed", output.step)
+            error = InternalError(f"the model failed while running the request ({e!r}); retry")
+            with self._cond:
+                for request_id in output.request_ids():
+                    self._scheduler.abort(request_id, error)
+                self._scheduler.update(output, {}, {})
+            return
+        pieces: dict[SampleKey, str] = {}
+        ended: dict[SampleKey, FinishReason] = {}
+        for key, token, lp in zip(keys, tokens, token_logp, strict=True):
+            active = self._active[key[0]]
+            if token in self._eos:
+                ended[key] = FinishReason.EOS
+                continue
+            active.scores[key[1]] += lp
+            detok = active.detoks[key[1]]
+            pieces[key] = detok.add(token)
+            if detok.stopped:
+                ended[key] = FinishReason.STOP
+        with self._cond:
+            result = self._scheduler.update(output, dict(zip(keys, tokens, strict=True)), ended)
+            done = {rid: self._active.pop(rid) for rid in result.done}
+        reasons: dict[SampleKey, FinishReason] = {}
+        for f in result.finished:
+            reasons[f.key] = f.reason
+            if f.reason is not FinishReason.STOP:
+                active = done.get(f.key[0]) or self._active[f.key[0]]
+                pieces[f.key] = pieces.get(f.key, "") + active.detoks[f.key[1]].flush()
+        for request_id in output.request_ids():
+            active = done.get(request_id) or self._active.get(request_id)
+            if active is None:
+                continue
+            if active.request.kind is RequestKind.SCORE:
+                if request_id in done:
+                    self._deliver(active, active.out(logp=logp[request_id], finished=True))
+                continue
+            items = []
+            for i in range(len(active.request.samples)):
+                piece = pieces.get((request_id, i), "")
+                items.append(
+                    SampleOutput(
+                        i, piece, active.emitted[i], active.scores[i], reasons.get((request_id, i))
+                    )
+                )
+                active.emitted[i] += len(piece)
+            changed = any(item.text or item.finish_reason for item in items)
+            if changed or request_id in done:
+                self._deliver(active, active.out(samples=tuple(items), finished=request_id in done))
+
+    def _run_model(self, output: SchedulerOutput) -> tuple[list[SampleKey], list[int], list[float]]:
+        keys: list[SampleKey] = []
+        rows: list[torch.Tensor] = []
+        for work in output.prefills:
+            last = self._runner.prefill(work.slots[0], work.tokens, all_logits=False)  # [1, V]
+            for i, slot in enumerate(work.slots):
+                if i:
+                    self._runner.copy_slot(work.slots[0], slot, len(work.tokens))
+                keys.append((work.request_id, i))
+                rows.append(last)
+        for batch in output.decodes:
+            rows.append(self._runner.decode(batch.slots, batch.tokens, batch.positions))  # [B, V]
+            keys.extend(batch.keys)
+        if not keys:
+            return [], [], []
+        states = [self._active[rid].samplers[i] for rid, i in keys]
+        tokens, logp = sample(torch.cat(rows), states)  # [sum B, V] -> B tokens
+        return keys, tokens, logp
+
+    def _score(self, work: ScoreWork) -> tuple[float, ...]:
+        values = []
+        n = len(work.prefix)
+        for suffix in work.suffixes:
+            if not suffix:
+                values.append(0.0)
+                continue
+            logits = self._runner.prefill(work.slot, work.prefix + suffix)  # [T, V]
+            logp = torch.log_softmax(logits[n - 1 : n - 1 + len(suffix)].float(), dim=-1)
+            index = torch.tensor(suffix, dtype=torch.long)[:, None]  # [S, 1]
+            values.append(float(torch.gather(logp, 1, index).sum()))
+        return tuple(values)

@@ -1,0 +1,1 @@
+"""Registered servable configs. Import-light: no torch or JAX at import."""

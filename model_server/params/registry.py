@@ -1,0 +1,54 @@
+"""The servable config registry: configs found by dotted name, e.g. "test.TinyLM".
+
+`@register` on a `ServableConfig` subclass registers an instance under
+"<module's last part>.<class name>", as Saxml's `servable_model_registry.register`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TypeVar
+
+from model_server.params.base import ServableConfig
+from sax.errors import NotFoundError
+
+_REGISTRY: dict[str, ServableConfig] = {}
+# Modules whose configs are registered on first use (import-light).
+_MODULES = ("model_server.params.test", "model_server.params.llama")
+_loaded = False
+
+C = TypeVar("C", bound=type[ServableConfig])
+
+
+def register(cls: C) -> C:
+    """Class decorator: registers an instance of cls under "<module>.<ClassName>"."""
+    name = f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
+    config = cls()
+    config.validate()
+    _REGISTRY[name] = config
+    return cls
+
+
+def _load_all() -> None:
+    global _loaded
+    if not _loaded:
+        for module in _MODULES:
+            importlib.import_module(module)
+        _loaded = True
+
+
+def get(name: str) -> ServableConfig:
+    """The config registered under name; NOT_FOUND listing the known names otherwise."""
+    _load_all()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise NotFoundError(
+            f"unknown servable config {name!r}; registered: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def names() -> list[str]:
+    """Every registered config name, sorted."""
+    _load_all()
+    return sorted(_REGISTRY)

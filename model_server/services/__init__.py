@@ -1,0 +1,1 @@
+"""gRPC servicers of the model server: Modelet (control) and LMService (data)."""

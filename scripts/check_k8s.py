@@ -1,0 +1,262 @@
+"""Checks of the Kubernetes manifests: every overlay of deploy/k8s rendered (render_k8s.py) and
+validated offline against the schemas of a pinned Kubernetes version (kubernetes-validate,
+strict: unknown fields are errors), then the cell's own rules: the servers' flags parse with
+their real parsers, gRPC probes on the served port, a drain that fits the termination grace
+period, PodDisruptionBudgets, Workload Identity, TPU and GPU resources that match the flags.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+from deploy_files import DEPLOY, IMAGES, REPO, flag, image_name, parse_dockerfile, rel
+from deploy_flags import check_argv
+from render_k8s import RenderError, render
+
+from model_server.params import platform
+
+# The Kubernetes version the manifests are validated against (GKE's regular channel).
+K8S_VERSION = "1.34"
+OVERLAYS = DEPLOY / "k8s" / "overlays"
+WORKLOAD_KINDS = ("Deployment", "StatefulSet")
+WI_ANNOTATION = "iam.gke.io/gcp-service-account"
+# Values the downward API gives at run time, for checking flags that use them.
+FIELD_PLACEHOLDERS = {
+    "status.podIP": "10.0.0.1",
+    "metadata.name": "pod-0",
+    "metadata.labels['apps.kubernetes.io/pod-index']": "0",
+}
+
+
+def check_overlay(overlay: Path) -> list[str]:
+    """Problems of one overlay (empty: it renders, validates and follows the rules)."""
+    where = rel(overlay)
+    try:
+        objects = render(overlay)
+    except (RenderError, OSError, ValueError) as e:
+        return [f"{where}: {e}"]
+    problems: list[str] = []
+    seen: set[tuple[str, str]] = set()
+    for obj in objects:
+        kind, name = obj.get("kind", "?"), obj.get("metadata", {}).get("name", "?")
+        if (kind, name) in seen:
+            problems.append(f"{where}: {kind}/{name} is defined twice")
+        seen.add((kind, name))
+        try:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            path = "/".join(str(p) for p in e.path)
+            problems.append(f"{where}: {kind}/{name}: {path}: {e.message}")
+        except (kubernetes_validate.SchemaNotFoundError, kubernetes_validate.InvalidSchemaError):
+            problems.append(f"{where}: {kind}/{name}: no schema for {obj.get('apiVersion')}")
+    for obj in objects:
+        if obj.get("kind") in WORKLOAD_KINDS:
+            problems.extend(_check_workload(obj, objects, where))
+        elif obj.get("kind") == "Service":
+            problems.extend(_check_service(obj, objects, where))
+    return problems
+
+
+def check_all() -> list[str]:
+    """Problems of every overlay under deploy/k8s/overlays."""
+    overlays = sorted(p for p in OVERLAYS.iterdir() if (p / "kustomization.yaml").is_file())
+    if not overlays:
+        return [f"{rel(OVERLAYS)}: no overlays"]
+    return [p for overlay in overlays for p in check_overlay(overlay)]
+
+
+def _find(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any] | None:
+    return next(
+        (o for o in objects if o.get("kind") == kind and o["metadata"].get("name") == name), None
+    )
+
+
+def _env(container: dict[str, Any], objects: list[dict[str, Any]]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for var in container.get("env", []):
+        source = var.get("valueFrom", {})
+        if "value" in var:
+            env[var["name"]] = str(var["value"])
+        elif "configMapKeyRef" in source:
+            ref = source["configMapKeyRef"]
+            cm = _find(objects, "ConfigMap", ref["name"])
+            if cm is not None and ref["key"] in cm.get("data", {}):
+                env[var["name"]] = cm["data"][ref["key"]]
+        elif "fieldRef" in source:
+            env[var["name"]] = FIELD_PLACEHOLDERS.get(source["fieldRef"]["fieldPath"], "x")
+    return env
+
+
+def _expand(arg: str, env: dict[str, str], missing: list[str]) -> str:
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0).startswith("$$"):
+            return m.group(0)[1:]
+        if m.group(1) not in env:
+            missing.append(m.group(1))
+            return m.group(0)
+        return env[m.group(1)]
+
+    return re.sub(r"\$\$\([^)]*\)|\$\(([A-Za-z_][A-Za-z0-9_]*)\)", sub, arg)
+
+
+def _argv(
+    container: dict[str, Any], env: dict[str, str], where: str
+) -> tuple[list[str], list[str]]:
+    """The command the container runs ($(VAR) expanded as the kubelet does) and problems."""
+    name, _ = image_name(container.get("image", ""))
+    stage = parse_dockerfile(REPO / IMAGES[name].dockerfile)
+    if "command" in container:
+        argv = [*container["command"], *container.get("args", [])]
+    else:
+        argv = [*(stage.entrypoint or []), *container.get("args", stage.cmd or [])]
+    missing: list[str] = []
+    argv = [_expand(a, env, missing) for a in argv]
+    problems = [f"{where}: uses $({m}) but the container has no env {m}" for m in missing]
+    return argv, problems
+
+
+def _probe_port(probe: dict[str, Any], container: dict[str, Any]) -> int | None:
+    for kind in ("grpc", "httpGet", "tcpSocket"):
+        if kind in probe:
+            port = probe[kind].get("port")
+            if isinstance(port, str):
+                named = [p for p in container.get("ports", []) if p.get("name") == port]
+                return named[0]["containerPort"] if named else None
+            return port
+    return None
+
+
+def _check_workload(obj: dict[str, Any], objects: list[dict[str, Any]], where: str) -> list[str]:
+    problems: list[str] = []
+    name = obj["metadata"]["name"]
+    pod = obj["spec"]["template"]
+    spec = pod["spec"]
+    labels = pod["metadata"].get("labels", {})
+    here = f"{where}: {obj['kind']}/{name}"
+    sa = _find(objects, "ServiceAccount", spec.get("serviceAccountName", "default"))
+    if sa is None or WI_ANNOTATION not in sa["metadata"].get("annotations", {}):
+        problems.append(f"{here}: runs as a ServiceAccount without {WI_ANNOTATION}")
+    containers = [(c, False) for c in spec.get("containers", [])]
+    containers += [(c, True) for c in spec.get("initContainers", [])]
+    for container, init in containers:
+        image, tag = image_name(container.get("image", ""))
+        where_c = f"{here}: container {container['name']}"
+        if image not in IMAGES:
+            problems.append(
+                f"{where_c}: image {container.get('image')} is not one of {list(IMAGES)}"
+            )
+            continue
+        if tag in ("", "latest") and "@" not in container["image"]:
+            problems.append(f"{where_c}: image {container['image']} needs a tag or a digest")
+        env = _env(container, objects)
+        argv, argv_problems = _argv(container, env, where_c)
+        problems += argv_problems + check_argv(argv, env, where_c)
+        if init:
+            continue
+        module = argv[2] if len(argv) > 2 else ""
+        if module not in ("admin_server", "model_server", "gateway"):
+            continue
+        root = IMAGES[image].root
+        security = {**spec.get("securityContext", {}), **container.get("securityContext", {})}
+        if not root and security.get("runAsNonRoot") is not True:
+            problems.append(f"{where_c}: set runAsNonRoot: true (the image runs as uid 10001)")
+        port = int(flag(argv, "port") or 0)
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            if probe not in container:
+                problems.append(f"{where_c}: no {probe}")
+            elif module != "gateway" and container[probe].get("grpc", {}).get("port") != port:
+                problems.append(f"{where_c}: {probe} must be a grpc probe on --port={port}")
+            elif _probe_port(container[probe], container) != port:
+                problems.append(f"{where_c}: {probe} does not probe --port={port}")
+        if module in ("model_server", "gateway") and not _has_pdb(objects, labels):
+            problems.append(f"{here}: no PodDisruptionBudget selects its pods")
+        if module == "model_server":
+            problems += _check_model_server(obj, container, argv, env, where_c)
+    return problems
+
+
+def _has_pdb(objects: list[dict[str, Any]], labels: dict[str, str]) -> bool:
+    for o in objects:
+        if o.get("kind") == "PodDisruptionBudget":
+            match = o["spec"].get("selector", {}).get("matchLabels", {})
+            if match and all(labels.get(k) == v for k, v in match.items()):
+                return True
+    return False
+
+
+def _check_model_server(
+    obj: dict[str, Any], container: dict[str, Any], argv: list[str], env: dict[str, str], where: str
+) -> list[str]:
+    problems: list[str] = []
+    spec = obj["spec"]["template"]["spec"]
+    advertise = next((a for a in container.get("args", []) if "--advertise_host" in a), "")
+    pod_ip = [
+        v["name"]
+        for v in container.get("env", [])
+        if v.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "status.podIP"
+    ]
+    if not pod_ip or advertise != f"--advertise_host=$({pod_ip[0]})":
+        problems.append(f"{where}: pass --advertise_host=$(POD_IP) with POD_IP from status.podIP")
+    pre_stop = container.get("lifecycle", {}).get("preStop")
+    if not pre_stop:
+        problems.append(f"{where}: no preStop hook")
+    sleep = float((pre_stop or {}).get("sleep", {}).get("seconds", 0))
+    grace = float(flag(argv, "shutdown_grace_s") or 10.0)
+    period = float(spec.get("terminationGracePeriodSeconds", 30))
+    if period <= sleep + grace:
+        problems.append(
+            f"{where}: terminationGracePeriodSeconds {period:g} must exceed preStop {sleep:g} s "
+            f"+ --shutdown_grace_s {grace:g} s"
+        )
+    chip = flag(argv, "platform_chip") or "cpu"
+    topology = flag(argv, "platform_topology") or "1"
+    limits = container.get("resources", {}).get("limits", {})
+    devices = platform.num_devices(topology)
+    if chip in platform.TPU_CHIPS:
+        selector = spec.get("nodeSelector", {})
+        if selector.get("cloud.google.com/gke-tpu-topology") != topology:
+            problems.append(f"{where}: nodeSelector gke-tpu-topology must be {topology}")
+        if "cloud.google.com/gke-tpu-accelerator" not in selector:
+            problems.append(f"{where}: no nodeSelector cloud.google.com/gke-tpu-accelerator")
+        hosts = int(obj["spec"].get("replicas", 1)) if obj["kind"] == "StatefulSet" else 1
+        chips = int(limits.get("google.com/tpu", 0))
+        if chips * hosts != devices:
+            problems.append(
+                f"{where}: {hosts} host(s) x google.com/tpu {chips} is not the {devices} chips "
+                f"of {topology}"
+            )
+        if hosts > 1 and len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) != hosts:
+            problems.append(f"{where}: TPU_WORKER_HOSTNAMES must name all {hosts} hosts")
+    elif chip in platform.GPU_CHIPS and int(limits.get("nvidia.com/gpu", 0)) != devices:
+        problems.append(f"{where}: nvidia.com/gpu limit must be {devices} (--platform_topology)")
+    return problems
+
+
+def _check_service(obj: dict[str, Any], objects: list[dict[str, Any]], where: str) -> list[str]:
+    here = f"{where}: Service/{obj['metadata']['name']}"
+    selector = obj["spec"].get("selector", {})
+    pods = [
+        o["spec"]["template"]
+        for o in objects
+        if o.get("kind") in WORKLOAD_KINDS
+        and all(
+            o["spec"]["template"]["metadata"].get("labels", {}).get(k) == v
+            for k, v in selector.items()
+        )
+    ]
+    if not selector or not pods:
+        return [f"{here}: its selector {selector} matches no pods"]
+    ports = {
+        p.get("name"): p["containerPort"]
+        for pod in pods
+        for c in pod["spec"]["containers"]
+        for p in c.get("ports", [])
+    }
+    return [
+        f"{here}: targetPort {p.get('targetPort')} is not a port of its pods"
+        for p in obj["spec"].get("ports", [])
+        if p.get("targetPort", p["port"]) not in {*ports, *ports.values()}
+    ]

@@ -1,0 +1,404 @@
+"""The engine core and EngineServable over a fake runner: correctness under continuous batching,
+ordering, limits, cancellation, deadlines, sampling inputs, scores and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import pathlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from model_server.engine.engine import Engine
+from model_server.engine.request import (
+    FinishReason,
+    Request,
+    RequestKind,
+    RequestOutput,
+    SampleOptions,
+)
+from model_server.engine.servable import EngineServable
+from model_server.engine.tokenizer import Tokenizer
+from model_server.servable import AsyncServable, StreamItem
+from sax.errors import (
+    CancelledError,
+    DeadlineExceededError,
+    InternalError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+from tests.model_server.conftest import wait_for
+from tests.model_server.engine.fakes import (
+    EOS,
+    FakeLMConfig,
+    FakeRunner,
+    build_servable,
+    context_hashes,
+    logits_after,
+    params,
+    reference_greedy,
+    write_tokenizer,
+)
+
+CONFIG = FakeLMConfig()
+
+
+@pytest.fixture
+def parts(tmp_path: pathlib.Path) -> Iterator[tuple[EngineServable, FakeRunner, Tokenizer]]:
+    servable, runner, tok = build_servable(tmp_path)
+    yield servable, runner, tok
+    servable.close()
+
+
+@pytest.fixture
+def gated(
+    tmp_path: pathlib.Path,
+) -> Iterator[tuple[EngineServable, FakeRunner, threading.Semaphore]]:
+    """A servable whose decode steps each wait for a permit from the test."""
+    gate = threading.Semaphore(0)
+    servable, runner, _ = build_servable(tmp_path, gate=gate)
+    yield servable, runner, gate
+    gate.release(1000)
+    servable.close()
+
+
+def expected(tok: Tokenizer, prompt: str, steps: int, eos_period: int = 0) -> str:
+    out = reference_greedy(tok.encode(prompt), steps, eos_period)
+    return tok.decode([t for t in out if t != EOS])
+
+
+def reassemble(steps: Iterator[list[StreamItem]]) -> list[str]:
+    texts: list[str] = []
+    for items in steps:
+        texts = texts or [""] * len(items)
+        for i, item in enumerate(items):
+            assert item.prefix_len == len(texts[i])  # text is never taken back
+            texts[i] = texts[i][: item.prefix_len] + item.text
+    return texts
+
+
+def test_greedy_generate_stream_and_score_agree_with_the_reference(parts: Any) -> None:
+    servable, runner, tok = parts
+    assert isinstance(servable, AsyncServable)
+    want = expected(tok, "hello", 24)
+    ((text, score),) = servable.generate("hello", params(CONFIG))
+    assert text == want and len(text) == 24
+    assert reassemble(servable.generate_stream("hello", params(CONFIG))) == [want]
+    (logp,) = servable.score("hello", [text], params(CONFIG))
+    assert logp == pytest.approx(score, abs=1e-4)
+    # The score is the sum of log-softmax of the reference logits at each token.
+    tokens = tok.encode("hello") + tok.encode(text, add_bos=False)
+    hashes = context_hashes(tokens)
+    n = len(tok.encode("hello"))
+    direct = sum(
+        float(torch.log_softmax(logits_after(hashes[p - 1]), -1)[tokens[p]])
+        for p in range(n, len(tokens))
+    )
+    assert logp == pytest.approx(direct, abs=1e-4)
+    assert servable.score("hello", ["", "zzz"], params(CONFIG))[0] == 0.0
+    assert servable.stats().free_slots == runner.num_slots
+
+
+def test_sixteen_concurrent_streams_of_different_lengths(parts: Any) -> None:
+    servable, runner, tok = parts  # 8 slots: half of the requests wait and reuse slots
+    cases = [(f"q{'x' * i}?", 4 + (i * 5) % 21) for i in range(16)]
+
+    async def one(prompt: str, steps: int) -> list[str]:
+        texts: list[str] = []
+        p = params(CONFIG, per_example_max_decode_steps=steps)
+        async for items in servable.generate_stream_async(prompt, p):
+            texts = texts or [""] * len(items)
+            for i, item in enumerate(items):
+                assert item.prefix_len == len(texts[i])
+                texts[i] = texts[i][: item.prefix_len] + item.text
+        return texts
+
+    async def main() -> list[list[str]]:
+        return await asyncio.gather(*(one(p, s) for p, s in cases))
+
+    results = asyncio.run(main())
+    assert results == [[expected(tok, p, s)] for p, s in cases]
+    decodes = [entry[1] for entry in runner.log if entry[0] == "decode"]
+    assert max(len(slots) for slots in decodes) == 4  # batched, at most the largest batch size
+    assert {s for slots in decodes for s in slots} == set(range(8))
+    assert servable.stats().free_slots == 8
+
+
+def test_a_request_arriving_during_decoding_starts_before_the_running_one_finishes(
+    tmp_path: pathlib.Path,
+) -> None:
+    gate = threading.Semaphore(0)
+    runner = FakeRunner(num_slots=4, gate=gate)
+    tok = Tokenizer.from_dir(write_tokenizer(tmp_path))
+    engine = Engine(runner, decode=tok.decode, eos_ids=[EOS], max_queue=4, max_batch_size=4)
+    events: list[tuple[str, RequestOutput]] = []
+    lock = threading.Lock()
+
+    def sink(name: str) -> Callable[[RequestOutput], None]:
+        def put(output: RequestOutput) -> None:
+            with lock:
+                events.append((name, output))
+
+        return put
+
+    def request(prompt: str, steps: int) -> Request:
+        return Request(
+            engine.new_request_id(),
+            RequestKind.GENERATE,
+            tuple(tok.encode(prompt)),
+            samples=(SampleOptions(),),
+            max_decode_steps=steps,
+        )
+
+    try:
+        engine.submit(request("long one", 20), sink("A"))
+        wait_for(lambda: events, what="A's first token")  # A is decoding (step 2 waits)
+        engine.submit(request("short", 3), sink("B"))
+        gate.release(100)
+        wait_for(lambda: len([e for e in events if e[1].finished]) == 2, what="both done")
+    finally:
+        gate.release(100)
+        engine.close()
+    order = [(name, out.finished) for name, out in events]
+    b_first = order.index(("B", False))
+    a_done = order.index(("A", True))
+    assert order[0] == ("A", False)
+    assert b_first < a_done and order.index(("B", True)) < a_done
+    texts = {
+        name: "".join(s.text for who, o in events if who == name for s in o.samples)
+        for name in "AB"
+    }
+    assert texts == {"A": expected(tok, "long one", 20), "B": expected(tok, "short", 3)}
+
+
+def test_full_queue_is_resource_exhausted(tmp_path: pathlib.Path) -> None:
+    gate = threading.Semaphore(0)
+    config = dataclasses.replace(CONFIG, max_queue=2)
+    servable, _, _ = build_servable(tmp_path, config, num_slots=1, gate=gate)
+    try:
+        streams = [servable.generate_stream("a", params(config)) for _ in range(4)]
+        assert next(streams[0])  # running (its next decode waits for the gate)
+        waiters = [threading.Thread(target=next, args=(s,)) for s in streams[1:3]]
+        for w in waiters:
+            w.start()
+        wait_for(lambda: servable.stats().waiting == 2, what="two waiting")
+        with pytest.raises(ResourceExhaustedError, match=r"queue full \(2 waiting\)"):
+            next(streams[3])
+        gate.release(1000)
+        for w in waiters:
+            w.join(10)
+        assert servable.stats().waiting == 0
+    finally:
+        gate.release(1000)
+        servable.close()
+
+
+def test_closing_a_stream_frees_its_slot_within_one_step(gated: Any) -> None:
+    servable, runner, gate = gated
+    stream = servable.generate_stream("abc", params(CONFIG))
+    assert next(stream)[0].text
+    assert servable.stats().free_slots == runner.num_slots - 1
+    stream.close()  # the engine is inside (or about to start) decode step 2
+    gate.release(1)  # only that step may run: the abort must free the slot right after it
+    wait_for(lambda: servable.stats().free_slots == runner.num_slots, what="the slot back")
+    assert servable.stats().running == 0
+
+
+def test_cancel_event_aborts_a_blocking_generate(gated: Any) -> None:
+    servable, runner, gate = gated
+    p = params(CONFIG).for_call(None, threading.Event())
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            servable.generate("abc", p)
+        except BaseException as e:  # noqa: BLE001 - checked below
+            errors.append(e)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    wait_for(lambda: servable.stats().running == 1, what="running")
+    assert p.cancel is not None
+    p.cancel.set()
+    gate.release(1)
+    worker.join(10)
+    assert [type(e) for e in errors] == [CancelledError]
+    assert servable.stats().free_slots == runner.num_slots
+
+
+def test_cancelling_the_coroutine_frees_the_slot(gated: Any) -> None:
+    servable, runner, gate = gated
+
+    async def main() -> None:
+        task = asyncio.ensure_future(servable.generate_async("abc", params(CONFIG)))
+        while servable.stats().running == 0:
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    gate.release(1)
+    wait_for(lambda: servable.stats().free_slots == runner.num_slots, what="the slot back")
+
+
+def test_passed_deadline_is_deadline_exceeded(parts: Any) -> None:
+    servable, runner, _ = parts
+    p = params(CONFIG).for_call(time.monotonic() - 1, None)
+    with pytest.raises(DeadlineExceededError, match="deadline passed in the queue"):
+        servable.generate("abc", p)
+    with pytest.raises(DeadlineExceededError):
+        servable.score("abc", ["d"], p)
+    assert servable.stats().free_slots == runner.num_slots
+
+
+def test_prompt_longer_than_the_largest_bucket(tmp_path: pathlib.Path, parts: Any) -> None:
+    servable, _, tok = parts
+    assert servable.prompt_limit == 32
+    servable.generate("x" * 31, params(CONFIG, per_example_max_decode_steps=1))  # BOS + 31
+    with pytest.raises(InvalidArgumentError, match="33 tokens, longer than the model's limit of"):
+        servable.generate("x" * 32, params(CONFIG))
+    with pytest.raises(InvalidArgumentError, match="limit of 32"):
+        servable.generate_stream("x" * 40, params(CONFIG))
+    config = dataclasses.replace(CONFIG, truncate_prompt=True)
+    cut, cut_runner, _ = build_servable(tmp_path / "cut", config)
+    try:
+        prompt = "".join(chr(ord("a") + i % 26) for i in range(40))
+        ((text, _),) = cut.generate(prompt, params(config, per_example_max_decode_steps=4))
+        kept = cut_runner.log[0][2]
+        assert len(kept) == 32 and kept[0] == tok.bos_id
+        assert tok.decode(kept) == prompt[-31:]
+        assert text == tok.decode(reference_greedy(kept, 4))
+    finally:
+        cut.close()
+
+
+def test_seed_temperature_top_k_and_repetition_penalty(parts: Any) -> None:
+    servable, _, _ = parts
+
+    def text(**items: float) -> str:
+        return servable.generate("seeded", params(CONFIG, **items))[0][0]
+
+    greedy = text()
+    assert text(temperature=1.0, top_k=1, seed=5) == greedy
+    a = text(temperature=1.0, seed=5)
+    assert a == text(temperature=1.0, seed=5)
+    assert a != text(temperature=1.0, seed=6) and a != greedy
+    assert len({text(temperature=1.0) for _ in range(3)}) > 1  # seed 0: fresh each time
+
+    def repeats(s: str) -> int:
+        return len(s) - len(set(s))
+
+    penalized = text(repetition_penalty=5.0)
+    assert penalized != greedy and repeats(penalized) < repeats(greedy)
+    assert repeats(text(temperature=1.0, seed=9, repetition_penalty=5.0)) < repeats(
+        text(temperature=1.0, seed=9)
+    )
+
+
+def test_stop_strings(parts: Any) -> None:
+    servable, _, tok = parts
+    full = expected(tok, "hello", 24)
+    stop = full[10:13]
+    assert full.index(stop) == 10
+    ((text, _),) = servable.generate("hello", params(CONFIG, stop=stop))
+    assert text == full[:10]
+    assert reassemble(servable.generate_stream("hello", params(CONFIG, stop=stop))) == [full[:10]]
+    many = f'["zzzz", "{full[5:7]}"]'
+    assert servable.generate("hello", params(CONFIG, stop=many))[0][0] == full[:5]
+
+
+def test_several_samples_share_one_prefill(tmp_path: pathlib.Path) -> None:
+    config = dataclasses.replace(CONFIG, num_samples=3)
+    servable, runner, _ = build_servable(tmp_path, config)
+    try:
+        results = servable.generate("many", params(config, temperature=1.0, seed=4))
+        assert len(results) == 3 and len({t for t, _ in results}) == 3
+        assert [s for _, s in results] == sorted((s for _, s in results), reverse=True)
+        assert [e[0] for e in runner.log[:3]] == ["prefill", "copy", "copy"]
+        streamed = reassemble(
+            servable.generate_stream("many", params(config, temperature=1.0, seed=4))
+        )
+        assert sorted(streamed) == sorted(t for t, _ in results)
+    finally:
+        servable.close()
+
+
+def test_eos_ends_a_sample_without_text_or_score(tmp_path: pathlib.Path) -> None:
+    servable, _, tok = build_servable(tmp_path, eos_period=7)
+    try:
+        lengths = set()
+        for prompt in ("a", "bb", "ccc", "dddd", "eeeee"):
+            want = reference_greedy(tok.encode(prompt), 24, eos_period=7)
+            ((text, score),) = servable.generate(prompt, params(CONFIG))
+            assert text == expected(tok, prompt, 24, eos_period=7)
+            lengths.add(len(text))
+            if want[-1] == EOS:
+                logp = servable.score(prompt, [text], params(CONFIG))[0]
+                assert logp == pytest.approx(score, abs=1e-4)
+        assert min(lengths) < 24  # some ended with EOS
+    finally:
+        servable.close()
+
+
+def test_runner_failure_fails_the_step_requests_and_the_engine_goes_on(parts: Any) -> None:
+    servable, runner, tok = parts
+    runner.fail_decodes = 1
+    with pytest.raises(InternalError, match="injected decode failure"):
+        servable.generate("boom", params(CONFIG))
+    assert servable.generate("fine", params(CONFIG))[0][0] == expected(tok, "fine", 24)
+    assert servable.stats().free_slots == runner.num_slots
+
+
+def test_close_fails_pending_requests_and_refuses_new_ones(gated: Any) -> None:
+    servable, runner, gate = gated
+    stream = servable.generate_stream("abc", params(CONFIG))
+    assert next(stream)
+    closer = threading.Thread(target=servable.close)
+    closer.start()
+    gate.release(1000)
+    with pytest.raises(UnavailableError, match="retry on another replica"):
+        list(stream)
+    closer.join(10)
+    assert runner.closed
+    with pytest.raises(UnavailableError):
+        servable.generate("abc", params(CONFIG))
+
+
+def test_finish_reasons_reach_the_outputs(tmp_path: pathlib.Path) -> None:
+    runner = FakeRunner(num_slots=2)
+    tok = Tokenizer.from_dir(write_tokenizer(tmp_path))
+    engine = Engine(runner, decode=tok.decode, eos_ids=[EOS], max_queue=4, max_batch_size=2)
+    outputs: list[RequestOutput] = []
+    done = threading.Event()
+
+    def sink(output: RequestOutput) -> None:
+        outputs.append(output)
+        if output.finished:
+            done.set()
+
+    full = expected(tok, "xy", 6)
+    assert full.find(full[3:5]) == 3
+    request = Request(
+        engine.new_request_id(),
+        RequestKind.GENERATE,
+        tuple(tok.encode("xy")),
+        samples=(SampleOptions(), SampleOptions()),
+        max_decode_steps=6,
+        stop=(full[3:5],),
+    )
+    try:
+        engine.submit(request, sink)
+        assert done.wait(10)
+    finally:
+        engine.close()
+    reasons = [s.finish_reason for o in outputs for s in o.samples if s.finish_reason]
+    assert reasons == [FinishReason.STOP, FinishReason.STOP]
+    assert outputs[-1].finished and all(len(o.samples) == 2 for o in outputs)
+    assert ["".join(o.samples[i].text for o in outputs) for i in (0, 1)] == [full[:3]] * 2

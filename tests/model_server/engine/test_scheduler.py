@@ -1,0 +1,273 @@
+"""Scheduler: bounded queue, continuous batching, slot reuse, aborts and deadlines (no torch)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from model_server.engine.request import FinishReason, Request, RequestKind, SampleOptions
+from model_server.engine.scheduler import SampleKey, Scheduler, SchedulerOutput
+from sax.errors import (
+    CancelledError,
+    DeadlineExceededError,
+    InternalError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+)
+
+
+def gen(
+    rid: int,
+    prompt_len: int = 3,
+    samples: int = 1,
+    steps: int = 4,
+    deadline: float | None = None,
+    cancel: threading.Event | None = None,
+) -> Request:
+    return Request(
+        request_id=rid,
+        kind=RequestKind.GENERATE,
+        prompt=tuple(range(1, prompt_len + 1)),
+        samples=(SampleOptions(),) * samples,
+        max_decode_steps=steps,
+        deadline=deadline,
+        cancel=cancel,
+    )
+
+
+def score(rid: int) -> Request:
+    return Request(rid, RequestKind.SCORE, prompt=(1, 2), suffixes=((3,), (4, 5)))
+
+
+def make(num_slots: int = 4, **kwargs: int) -> Scheduler:
+    kwargs.setdefault("max_queue", 8)
+    kwargs.setdefault("max_batch_size", 4)
+    return Scheduler(num_slots, 32, **kwargs)  # type: ignore[arg-type]
+
+
+def keys_of(out: SchedulerOutput) -> list[SampleKey]:
+    keys = [(w.request_id, i) for w in out.prefills for i in range(len(w.slots))]
+    return keys + [k for b in out.decodes for k in b.keys]
+
+
+def run_step(
+    s: Scheduler, now: float = 0.0, finished: dict[SampleKey, FinishReason] | None = None
+) -> tuple[SchedulerOutput, list[tuple[SampleKey, FinishReason]], tuple[int, ...]]:
+    """One step where every sample samples token 7; returns (output, finished, done)."""
+    out = s.schedule(now)
+    result = s.update(out, dict.fromkeys(keys_of(out), 7), finished or {})
+    return out, [(f.key, f.reason) for f in result.finished], result.done
+
+
+def test_importing_the_scheduler_does_not_import_torch() -> None:
+    code = "import sys, model_server.engine.scheduler; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_full_queue_is_resource_exhausted() -> None:
+    s = make(num_slots=1, max_queue=2)
+    s.add(gen(1))
+    s.add(gen(2))
+    with pytest.raises(ResourceExhaustedError, match=r"queue full \(2 waiting\); retry later"):
+        s.add(gen(3))
+    run_step(s)  # request 1 takes the slot, a queue place frees up
+    s.add(gen(3))
+    assert s.num_waiting == 2
+
+
+def test_requests_that_can_never_fit_are_invalid() -> None:
+    s = make(num_slots=2)
+    with pytest.raises(InvalidArgumentError, match="3 KV cache slots"):
+        s.add(gen(1, samples=3))
+    with pytest.raises(InvalidArgumentError, match="positions"):
+        s.add(gen(2, prompt_len=32))  # no room left for a generated token
+    with pytest.raises(InvalidArgumentError):
+        s.add(gen(3, prompt_len=0))
+
+
+def test_prefill_then_decode_with_positions() -> None:
+    s = make()
+    s.add(gen(1, prompt_len=3, samples=2))
+    out = s.schedule(0.0)
+    assert [(w.request_id, w.tokens, w.slots) for w in out.prefills] == [(1, (1, 2, 3), (0, 1))]
+    assert out.decodes == ()  # a prefilled request decodes from the next step
+    s.update(out, {(1, 0): 10, (1, 1): 11}, {})
+    out = s.schedule(0.0)
+    assert out.prefills == ()
+    (batch,) = out.decodes
+    assert (batch.keys, batch.slots, batch.tokens, batch.positions) == (
+        ((1, 0), (1, 1)),
+        (0, 1),
+        (10, 11),
+        (3, 3),
+    )
+    s.update(out, {(1, 0): 12, (1, 1): 13}, {})
+    (batch,) = s.schedule(0.0).decodes
+    assert (batch.tokens, batch.positions) == ((12, 13), (4, 4))
+
+
+def test_new_request_joins_between_decode_steps_and_finished_slots_free_at_once() -> None:
+    s = make(num_slots=2)
+    s.add(gen(1, steps=5))
+    run_step(s)  # prefill of 1
+    run_step(s)  # decode of 1
+    s.add(gen(2, steps=2))
+    out, _, _ = run_step(s)  # 2 is prefilled while 1 keeps decoding
+    assert [w.request_id for w in out.prefills] == [2]
+    assert [b.keys for b in out.decodes] == [((1, 0),)]
+    s.add(gen(3, steps=2))
+    s.add(gen(4, steps=2))
+    out, finished, done = run_step(s)  # 2 generates its 2nd token: done, slot 1 free now
+    assert finished == [((2, 0), FinishReason.LENGTH)] and done == (2,)
+    assert s.num_free_slots == 1
+    out, _, _ = run_step(s)
+    assert [(w.request_id, w.slots) for w in out.prefills] == [(3, (1,))]  # 4 waits
+    assert s.num_waiting == 1
+
+
+def test_engine_finishes_free_the_slot_and_the_lowest_slot_is_reused() -> None:
+    s = make(num_slots=3)
+    for rid in (1, 2, 3):
+        s.add(gen(rid, steps=10))
+    run_step(s)
+    _, finished, done = run_step(s, finished={(2, 0): FinishReason.EOS})
+    assert finished == [((2, 0), FinishReason.EOS)] and done == (2,)
+    s.add(gen(4))
+    out, _, _ = run_step(s)
+    assert out.prefills[0].slots == (1,)  # the slot request 2 had
+    assert [b.slots for b in out.decodes] == [(0, 2)]
+
+
+def test_samples_of_one_request_finish_separately() -> None:
+    s = make()
+    s.add(gen(1, samples=2, steps=5))
+    run_step(s)
+    _, finished, done = run_step(s, finished={(1, 1): FinishReason.STOP})
+    assert finished == [((1, 1), FinishReason.STOP)] and done == ()
+    assert s.num_free_slots == 3
+    out, _, _ = run_step(s)
+    assert [b.keys for b in out.decodes] == [((1, 0),)]
+
+
+def test_decode_batches_are_sorted_by_slot_and_capped() -> None:
+    s = make(num_slots=6, max_batch_size=4)
+    for rid in range(1, 7):
+        s.add(gen(rid, steps=9))
+    run_step(s)
+    out = s.schedule(0.0)
+    assert [b.slots for b in out.decodes] == [(0, 1, 2, 3), (4, 5)]
+
+
+def test_length_limit_of_the_slot() -> None:
+    s = Scheduler(1, 6, max_queue=1, max_batch_size=1)
+    s.add(gen(1, prompt_len=3, steps=100))
+    reasons = []
+    for _ in range(10):
+        _, finished, done = run_step(s)
+        reasons += finished
+        if done:
+            break
+    # Tokens go to positions 3, 4, 5: the 4th sampled token has no room left.
+    assert reasons == [((1, 0), FinishReason.LENGTH)]
+    assert s.step == 4 and s.num_free_slots == 1
+
+
+def test_abort_of_a_waiting_request_frees_its_queue_place_at_once() -> None:
+    s = make(num_slots=1, max_queue=1)
+    s.add(gen(1))
+    run_step(s)
+    s.add(gen(2))
+    assert s.abort(2, CancelledError("gone"))
+    s.add(gen(3))  # the place is free again
+    out = s.schedule(0.0)
+    assert [(a.request_id, type(a.error)) for a in out.aborted] == [(2, CancelledError)]
+    assert not s.abort(99, CancelledError("unknown"))
+
+
+def test_abort_of_a_running_request_frees_its_slots_by_the_next_step() -> None:
+    s = make(num_slots=2)
+    s.add(gen(1, samples=2, steps=10))
+    out = s.schedule(0.0)
+    s.abort(1, CancelledError("client went away"))  # during the step
+    result = s.update(out, {(1, 0): 5, (1, 1): 6}, {})
+    assert result.done == ()  # the aborted request is not advanced
+    s.add(gen(2))
+    out = s.schedule(0.0)
+    assert [a.request_id for a in out.aborted] == [1]
+    assert [(w.request_id, w.slots) for w in out.prefills] == [(2, (0,))]
+    assert out.decodes == ()
+
+
+def test_cancel_event_and_deadline_are_checked_every_step() -> None:
+    cancel = threading.Event()
+    s = make(num_slots=1)
+    s.add(gen(1, steps=10, cancel=cancel))
+    s.add(gen(2, steps=10, deadline=5.0))  # waits for the slot
+    run_step(s, now=1.0)
+    cancel.set()
+    out, _, _ = run_step(s, now=2.0)
+    assert [(a.request_id, type(a.error)) for a in out.aborted] == [(1, CancelledError)]
+    assert [w.request_id for w in out.prefills] == [2]
+    out, _, _ = run_step(s, now=6.0)
+    assert [(a.request_id, type(a.error)) for a in out.aborted] == [(2, DeadlineExceededError)]
+    assert "after 1 decode steps" in str(out.aborted[0].error)
+    assert s.num_free_slots == 1 and not s.has_work()
+
+
+def test_deadline_while_waiting() -> None:
+    s = make(num_slots=1)
+    s.add(gen(1, steps=10))
+    s.add(gen(2, deadline=1.0))
+    run_step(s, now=0.0)
+    out, _, _ = run_step(s, now=2.0)
+    assert [a.request_id for a in out.aborted] == [2]
+    assert "in the queue" in str(out.aborted[0].error)
+
+
+def test_score_requests_borrow_a_slot_for_one_step() -> None:
+    s = make(num_slots=1)
+    s.add(score(1))
+    s.add(gen(2))
+    out = s.schedule(0.0)
+    assert [(w.request_id, w.slot, w.suffixes) for w in out.scores] == [(1, 0, ((3,), (4, 5)))]
+    assert out.prefills == ()  # FIFO: request 2 waits for the slot
+    assert s.update(out, {}, {}).done == (1,)
+    out = s.schedule(0.0)
+    assert [w.request_id for w in out.prefills] == [2]
+
+
+def test_prefill_token_budget_spreads_admissions_over_steps() -> None:
+    s = make(num_slots=4, max_prefill_tokens=5)
+    for rid in (1, 2, 3):
+        s.add(gen(rid, prompt_len=3))
+    out, _, _ = run_step(s)
+    assert [w.request_id for w in out.prefills] == [1]  # 3 + 3 > 5
+    out, _, _ = run_step(s)
+    assert [w.request_id for w in out.prefills] == [2]
+    big = make(num_slots=2, max_prefill_tokens=2)
+    big.add(gen(1, prompt_len=4))
+    assert big.schedule(0.0).prefills  # a request longer than the budget still runs alone
+
+
+def test_step_protocol_is_enforced() -> None:
+    s = make()
+    s.add(gen(1))
+    out = s.schedule(0.0)
+    with pytest.raises(InternalError):
+        s.schedule(0.0)
+    with pytest.raises(InternalError, match="no token"):
+        s.update(out, {}, {})
+
+
+def test_drain_forgets_everything() -> None:
+    s = make(num_slots=1)
+    s.add(gen(1))
+    run_step(s)
+    s.add(gen(2))
+    s.add(gen(3))
+    s.abort(3, CancelledError("x"))
+    assert sorted(s.drain()) == [1, 2, 3]
+    assert s.num_free_slots == 1 and not s.has_work()
