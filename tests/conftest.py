@@ -141,3 +141,10 @@ def smollm2_checkpoint(smollm2_gguf: str, tmp_path_factory: pytest.TempPathFacto
     )
     assert r.returncode == 0, r.stderr
     return str(out)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Writes the scenarios the reliability tests recorded into docs/reliability.md."""
+    from tests.faults import report
+
+    report.write()
