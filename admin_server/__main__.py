@@ -10,6 +10,7 @@ import signal
 import sys
 
 from admin_server.config import AdminConfig
+from admin_server.metrics import AdminMetrics
 from admin_server.server import AdminServer
 from sax.errors import SaxError
 
@@ -21,7 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m admin_server",
         description="Admin server of a Sax cell: keeps published models, places replicas on the "
-        "model servers that join, and tells clients where models are served.",
+        "model servers that join, and tells clients where models are served. Several admins may "
+        "run for one cell: the one holding the cell's lease leads, the others wait as standbys "
+        "and take over when it dies.",
         epilog="example: SAX_ROOT=/tmp/sax-root python -m admin_server --sax_cell=/sax/test "
         "--port=10000",
     )
@@ -68,12 +71,40 @@ def _parser() -> argparse.ArgumentParser:
         default=d.max_load_failures,
         help="failed loads of a model before it is not tried on more servers",
     )
+    p.add_argument(
+        "--lease_s",
+        type=float,
+        default=d.lease_s,
+        help="seconds the leader lease holds after each renewal",
+    )
+    p.add_argument(
+        "--lease_renew_s",
+        type=float,
+        default=d.lease_renew_s,
+        help="seconds between two lease renewals by the leader",
+    )
+    p.add_argument(
+        "--standby_poll_s",
+        type=float,
+        default=d.standby_poll_s,
+        help="seconds between two looks at the lease by a standby admin",
+    )
+    p.add_argument(
+        "--clock_skew_s",
+        type=float,
+        default=d.clock_skew_s,
+        help="largest clock difference assumed between admins (lease_s must exceed twice it)",
+    )
+    p.add_argument("--metrics_port", type=int, default=0, help="Prometheus /metrics port; 0: off")
     p.add_argument("--log_level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     return p
 
 
 async def _serve(config: AdminConfig) -> None:
     server = AdminServer(config)
+    metrics = AdminMetrics(server)
+    if config.metrics_port:
+        metrics.serve(config.host, config.metrics_port)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -84,6 +115,9 @@ async def _serve(config: AdminConfig) -> None:
         [waiter, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED
     )
     await server.stop()
+    metrics.close()
+    if waiter.done():
+        waiter.result()  # raises what made the admin give up (e.g. a corrupt state)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         dead_after_s=args.dead_after_s,
         adopt_grace_s=args.adopt_grace_s,
         max_load_failures=args.max_load_failures,
+        metrics_port=args.metrics_port,
+        lease_s=args.lease_s,
+        lease_renew_s=args.lease_renew_s,
+        standby_poll_s=args.standby_poll_s,
+        clock_skew_s=args.clock_skew_s,
     )
     try:
         asyncio.run(_serve(config))

@@ -32,6 +32,19 @@ class AdminConfig:
     max_load_failures: int = 3
     # Seconds a Load RPC may take (reading a large checkpoint takes minutes).
     load_timeout_s: float = 1800.0
+    # Port of the Prometheus /metrics HTTP endpoint (bound on `host`); 0: no endpoint.
+    metrics_port: int = 0
+    # Leader lease (admin high availability): seconds a lease holds after each renewal. A
+    # standby takes over at most lease_s + clock_skew_s + standby_poll_s after the leader's
+    # last renewal.
+    lease_s: float = 6.0
+    # Seconds between two renewals by the leader (about lease_s / 3).
+    lease_renew_s: float = 2.0
+    # Seconds between two looks at the lease by a standby.
+    standby_poll_s: float = 1.0
+    # Largest wall-clock difference assumed between two admins of the cell; lease_s must be
+    # more than twice this.
+    clock_skew_s: float = 1.0
 
     @property
     def address(self) -> str:

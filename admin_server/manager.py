@@ -20,6 +20,7 @@ from admin_server import placement
 from admin_server.config import AdminConfig
 from admin_server.server_pool import JoinedServer, ServerPool
 from admin_server.state import PublishedState
+from model_server.params import platform
 from sax.errors import NotFoundError, SaxError
 from sax.v1 import admin_pb2, common_pb2
 
@@ -44,10 +45,11 @@ def _cancelling() -> bool:
 class CellManager:
     """The admin's control loop and the queries the RPC service answers."""
 
-    def __init__(self, config: AdminConfig, state: PublishedState) -> None:
+    def __init__(self, config: AdminConfig, state: PublishedState, fencing_token: int = 0) -> None:
         self._config = config
         self._state = state
         self._pool = ServerPool(config.poll_timeout_s, config.dead_after_s)
+        self._pool.fencing_token = fencing_token  # the lease's; sent with every control call
         self._started = time.monotonic()
         # model_id -> addresses the model is assigned to (loading or loaded).
         self._assigned: dict[str, set[str]] = {}
@@ -61,7 +63,7 @@ class CellManager:
         self._kick = asyncio.Event()
         self._reconcile_lock = asyncio.Lock()
         self.placement_changes = 0
-        # Set when another admin took the cell over: this one issues no more loads or unloads.
+        # Set when this admin lost the cell's lease: it issues no more loads or unloads.
         self.deposed = False
 
     # ----------------------------------------------------------------------------- loop
@@ -105,18 +107,20 @@ class CellManager:
                 server.restarted = False
                 self._forget_server(server.address)
         for server in self._pool.drop_dead():
-            self._forget_server(server.address)
-            for model_id, addresses in self._assigned.items():
-                if server.address in addresses:
-                    addresses.discard(server.address)
-                    logger.info(
-                        "replica of %s on dropped server %s is gone", model_id, server.address
-                    )
-            for (model_id, address), task in list(self._tasks.items()):
-                if address == server.address:
-                    task.cancel()
-                    self._tasks.pop((model_id, address), None)
-            await server.channel.close()
+            await self._drop(server)
+
+    async def _drop(self, server: JoinedServer) -> None:
+        """Forgets a dead or draining server: its replicas, its calls in flight, its channel."""
+        self._forget_server(server.address)
+        for model_id, addresses in self._assigned.items():
+            if server.address in addresses:
+                addresses.discard(server.address)
+                logger.info("replica of %s on dropped server %s is gone", model_id, server.address)
+        for (model_id, address), task in list(self._tasks.items()):
+            if address == server.address:
+                task.cancel()
+                self._tasks.pop((model_id, address), None)
+        await server.channel.close()
 
     def _forget_server(self, address: str) -> None:
         """Forgets past load failures on a server that restarted or was dropped."""
@@ -133,6 +137,19 @@ class CellManager:
         if new or not server.polled:
             await self._pool.poll(server)
             self.kick()
+
+    async def leave(self, address: str, server_id: str) -> None:
+        """A draining server leaves: clients stop getting its address at once (watchers are
+        woken now, not at the next poll) and its replicas are placed elsewhere."""
+        server = self._pool.remove(address, server_id)
+        if server is None:
+            return
+        await self._drop(server)
+        ready = {m: a - {address} for m, a in self._ready.items()}
+        if ready != self._ready:
+            self._ready = ready
+            await self.notify_watchers()
+        self.kick()
 
     # ----------------------------------------------------------------------------- reconcile
 
@@ -222,7 +239,8 @@ class CellManager:
         specs = []
         for model_id, model in sorted(models.items()):
             try:
-                memory = self._state.config_of(model).memory_bytes()
+                config = self._state.config_of(model)
+                memory = config.memory_bytes()
             except SaxError as e:
                 logger.error("cannot place %s: %s", model_id, e)
                 continue
@@ -232,6 +250,7 @@ class CellManager:
                     model_path=model.model_path,
                     replicas=model.requested_num_replicas,
                     memory_bytes=memory,
+                    num_devices=config.num_devices(),
                 )
             )
         servers = [
@@ -240,6 +259,7 @@ class CellManager:
                 servable_model_paths=frozenset(s.spec.servable_model_paths),
                 memory_bytes=s.spec.memory_bytes,
                 tags=frozenset(s.spec.tags),
+                num_devices=_topology_devices(s.spec.chip_topology),
             )
             for a, s in sorted(live.items())
         ]
@@ -313,7 +333,7 @@ class CellManager:
 
     def _start_load(self, server: JoinedServer, model: admin_pb2.Model) -> None:
         key = (model.model_id, server.address)
-        if self._busy(*key):
+        if self._busy(*key) or self.deposed:
             return
         self._tasks[key] = asyncio.create_task(self._load(server, model))
 
@@ -346,7 +366,7 @@ class CellManager:
 
     def _start_unload(self, server: JoinedServer, model_id: str) -> None:
         key = (model_id, server.address)
-        if self._busy(*key):
+        if self._busy(*key) or self.deposed:
             return
         self._tasks[key] = asyncio.create_task(self._unload(server, model_id))
 
@@ -470,3 +490,11 @@ class CellManager:
 
     def num_servers(self) -> int:
         return len(self._pool.servers())
+
+
+def _topology_devices(topology: str) -> int:
+    """Devices of a server's chip topology; 0 when it is malformed (no mesh check then)."""
+    try:
+        return platform.num_devices(topology)
+    except SaxError:
+        return 0

@@ -33,6 +33,7 @@ class ModelSpec:
       replicas: wanted number of replicas (>= 0).
       memory_bytes: memory one replica needs on a server.
       constraints: tags a server must all have to host this model.
+      num_devices: devices of its mesh (ICI_MESH_SHAPE after overrides); 0: any.
     """
 
     model_id: str
@@ -40,6 +41,7 @@ class ModelSpec:
     replicas: int
     memory_bytes: int
     constraints: frozenset[str] = frozenset()
+    num_devices: int = 0
 
 
 @dataclass(frozen=True)
@@ -51,12 +53,14 @@ class ServerSpec:
       servable_model_paths: servable config names this server can host.
       memory_bytes: memory capacity for model replicas.
       tags: free-form tags matched against a model's constraints.
+      num_devices: devices of its chip topology; 0: unknown (any mesh).
     """
 
     address: str
     servable_model_paths: frozenset[str]
     memory_bytes: int
     tags: frozenset[str] = frozenset()
+    num_devices: int = 0
 
 
 @dataclass(frozen=True)
@@ -113,8 +117,15 @@ def _validate(
 
 
 def can_host(model: ModelSpec, server: ServerSpec) -> bool:
-    """Whether `server` may host `model` at all: servable config and tags (memory aside)."""
-    return model.model_path in server.servable_model_paths and model.constraints <= server.tags
+    """Whether `server` may host `model` at all: servable config, tags and a mesh of the
+    server's device count (memory aside)."""
+    devices_fit = not model.num_devices or not server.num_devices
+    devices_fit = devices_fit or model.num_devices == server.num_devices
+    return (
+        model.model_path in server.servable_model_paths
+        and model.constraints <= server.tags
+        and devices_fit
+    )
 
 
 def place(

@@ -68,6 +68,8 @@ class ServerPool:
         self._poll_timeout_s = poll_timeout_s
         self._dead_after_s = dead_after_s
         self._servers: dict[str, JoinedServer] = {}
+        # Fencing number of this admin's lease, sent with every control call (0: none).
+        self.fencing_token = 0
 
     def servers(self) -> dict[str, JoinedServer]:
         """Live servers by address (a snapshot)."""
@@ -115,7 +117,9 @@ class ServerPool:
         """Refreshes one server's model statuses; True on success."""
         try:
             resp = await server.stub.GetStatus(
-                modelet_pb2.GetStatusRequest(include_failure_reasons=True),
+                modelet_pb2.GetStatusRequest(
+                    include_failure_reasons=True, fencing_token=self.fencing_token
+                ),
                 timeout=self._poll_timeout_s,
             )
         except (grpc.RpcError, grpc.aio.UsageError) as e:
@@ -142,6 +146,16 @@ class ServerPool:
         server.polled = True
         return True
 
+    def remove(self, address: str, server_id: str) -> JoinedServer | None:
+        """Removes a draining server (if it is the one of that id) and returns it; the caller
+        closes its channel as for a dead one."""
+        server = self._servers.get(address)
+        if server is None or (server_id and server.server_id != server_id):
+            return None
+        del self._servers[address]
+        logger.info("server %s left: it is draining", address)
+        return server
+
     def drop_dead(self) -> list[JoinedServer]:
         """Removes servers not seen for dead_after_s and returns them; the caller stops what is
         in flight on them and then closes their channels."""
@@ -164,6 +178,7 @@ class ServerPool:
             checkpoint_path=model.checkpoint_path,
             acls=model.acls,
             overrides=dict(model.overrides),
+            fencing_token=self.fencing_token,
         )
         server.models[model.model_id] = ReplicaInfo(status=common_pb2.LOADING)
         try:
@@ -178,7 +193,8 @@ class ServerPool:
         """Tells a server to unload a model; returns the error, if any."""
         try:
             await server.stub.Unload(
-                modelet_pb2.UnloadRequest(model_key=model_id), timeout=self._poll_timeout_s * 5
+                modelet_pb2.UnloadRequest(model_key=model_id, fencing_token=self.fencing_token),
+                timeout=self._poll_timeout_s * 5,
             )
         except grpc.RpcError as e:
             return from_rpc_error(e)

@@ -9,8 +9,10 @@ Examples:
 The server binds --host (default 0.0.0.0, every interface) and tells the admin and clients to
 reach it at --advertise_host; by default that is 127.0.0.1 when --host binds every interface and
 --host itself otherwise, so set --advertise_host to the machine's address when clients run on
-other machines. It stops on SIGTERM or SIGINT: health NOT_SERVING, no new calls, in-flight calls
-get --shutdown_grace_s seconds.
+other machines. It stops on SIGTERM or SIGINT: health NOT_SERVING, the admin is told at once, new
+LM calls get UNAVAILABLE (clients retry another replica), in-flight calls get --shutdown_grace_s
+seconds to finish, then the process exits with status 0. --metrics_port serves Prometheus metrics
+at http://HOST:PORT/metrics.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from collections.abc import Sequence
 
 from model_server.config import ModelServerConfig
 from model_server.params import platform
-from sax.errors import SaxError
+from sax.errors import InvalidArgumentError, SaxError
 from sax.naming import parse_cell
 from sax.storage import resolve_sax_root
 
@@ -67,7 +69,32 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--shutdown_grace_s", type=float, default=10.0, help="seconds in-flight calls get at stop"
     )
+    p.add_argument(
+        "--metrics_port", type=int, default=0, help="Prometheus /metrics HTTP port; 0: off"
+    )
+    p.add_argument(
+        "--stall_timeout_s",
+        type=float,
+        default=ModelServerConfig.stall_timeout_s,
+        help="NOT_SERVING when requests run but no token comes out for this long; 0: never",
+    )
     p.add_argument("--log_level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    # JAX backend and multi-process serving (docs/jax.md).
+    p.add_argument(
+        "--backend", default="", help="engine of Llama configs: torch or jax; default jax on TPUs"
+    )
+    p.add_argument("--jax_cache_dir", default="", help="JAX persistent compilation cache folder")
+    p.add_argument(
+        "--jax_coordinator", default="", help="host:port of process 0 for multi-process JAX"
+    )
+    p.add_argument("--jax_num_processes", type=int, default=1, help="processes of one server")
+    p.add_argument("--jax_process_id", type=int, default=0, help="this process, 0 serves gRPC")
+    p.add_argument(
+        "--jax_control_port",
+        type=int,
+        default=0,
+        help="process 0's control port for the others; default the coordinator's port + 1",
+    )
     return p
 
 
@@ -83,7 +110,20 @@ def parse_config(argv: Sequence[str] | None = None) -> tuple[ModelServerConfig, 
         parser.error(f"--port must be in [0, 65535], got {args.port}")
     if args.join_period_s <= 0 or args.shutdown_grace_s < 0 or args.memory_bytes < 0:
         parser.error("--join_period_s must be > 0; --shutdown_grace_s, --memory_bytes >= 0")
+    if not 0 <= args.metrics_port < 65536 or args.stall_timeout_s < 0:
+        parser.error("--metrics_port must be in [0, 65535] and --stall_timeout_s >= 0")
+    if args.backend not in ("", "torch", "jax"):
+        parser.error(f"--backend must be torch or jax, got {args.backend!r}")
     try:
+        if args.jax_coordinator or args.jax_num_processes != 1:
+            from model_server.multihost import MultihostConfig
+
+            MultihostConfig(
+                args.jax_coordinator,
+                args.jax_num_processes,
+                args.jax_process_id,
+                args.jax_control_port,
+            ).validate()
         chip = platform.parse_chip(args.platform_chip)
         platform.num_devices(args.platform_topology)
         sax_root = args.sax_root
@@ -104,6 +144,14 @@ def parse_config(argv: Sequence[str] | None = None) -> tuple[ModelServerConfig, 
         sax_root=sax_root,
         join_period_s=args.join_period_s,
         shutdown_grace_s=args.shutdown_grace_s,
+        backend=args.backend,
+        jax_cache_dir=args.jax_cache_dir,
+        jax_coordinator=args.jax_coordinator,
+        jax_num_processes=args.jax_num_processes,
+        jax_process_id=args.jax_process_id,
+        jax_control_port=args.jax_control_port,
+        metrics_port=args.metrics_port,
+        stall_timeout_s=args.stall_timeout_s,
     )
     return config, level
 
@@ -130,7 +178,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     try:
-        asyncio.run(serve(config))
+        if config.jax_coordinator and config.resolved_backend() != "jax":
+            raise InvalidArgumentError("--jax_coordinator needs --backend=jax")
+        if config.resolved_backend() == "jax":
+            from model_server import multihost
+
+            group = None
+            if config.jax_coordinator:
+                group = multihost.MultihostConfig(
+                    config.jax_coordinator,
+                    config.jax_num_processes,
+                    config.jax_process_id,
+                    config.jax_control_port,
+                )
+            multihost.initialize(config.chip, config.topology, group, config.jax_cache_dir)
+            if group is not None and group.process_id != 0:
+                multihost.follow(group)  # until process 0 stops
+                return 0
+            if group is not None:
+                multihost.start_leader(group)
+        try:
+            asyncio.run(serve(config))
+        finally:
+            if config.jax_coordinator:
+                from model_server import multihost
+
+                multihost.stop_leader()
     except SaxError as e:
         print(f"model_server: error: {e}", file=sys.stderr)
         return 1

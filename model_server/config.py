@@ -40,6 +40,28 @@ class ModelServerConfig:
     shutdown_grace_s: float = 10.0
     # Threads running the models' compute.
     compute_threads: int = 16
+    # Engine of Llama configs: "torch", "jax", or "" for the chip's default (jax on TPUs).
+    backend: str = ""
+    # JAX's persistent compilation cache folder; empty: none.
+    jax_cache_dir: str = ""
+    # Multi-process JAX (model_server.multihost): the coordinator "host:port" ("" for one
+    # process), the number of processes, this process's id and process 0's control port
+    # (0: the coordinator's port + 1).
+    jax_coordinator: str = ""
+    jax_num_processes: int = 1
+    jax_process_id: int = 0
+    jax_control_port: int = 0
+    # Port of the Prometheus /metrics HTTP endpoint (bound on `host`); 0: no endpoint.
+    metrics_port: int = 0
+    # With requests running, seconds without a finished engine step (no token out) after which
+    # the server reports NOT_SERVING with the reason in GetStatus; 0: never.
+    stall_timeout_s: float = 30.0
+
+    def resolved_backend(self) -> str:
+        """`backend`, or the chip's default: "jax" on TPU chips, "torch" elsewhere."""
+        if self.backend:
+            return self.backend
+        return "jax" if self.chip in platform.TPU_CHIPS else "torch"
 
     def advertised_host(self) -> str:
         """The host part of the address sent to the admin."""

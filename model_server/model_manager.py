@@ -115,6 +115,8 @@ class ModelManager:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._total_loads = 0
         self._total_unloads = 0
+        # Seconds the last successful load of each key took (for metrics).
+        self.load_seconds: dict[str, float] = {}
 
     @property
     def total_loads(self) -> int:
@@ -129,6 +131,15 @@ class ModelManager:
     def loaded_keys(self) -> list[str]:
         """Keys of the LOADED models, sorted."""
         return sorted(k for k, e in self._entries.items() if e.status == Status.LOADED)
+
+    def servables(self) -> list[tuple[str, Servable]]:
+        """(key, servable) of the LOADED models, by key; callable from any thread (metrics)."""
+        loaded = [
+            (k, e.servable)
+            for k, e in list(self._entries.items())
+            if e.status == Status.LOADED and e.servable is not None
+        ]
+        return sorted(loaded, key=lambda kv: kv[0])
 
     def statuses(self) -> list[ModelInfo]:
         """Every model known here, sorted by key."""
@@ -239,7 +250,8 @@ class ModelManager:
         entry.config, entry.servable = config, servable
         entry.status = Status.LOADED
         entry.idle.set()
-        logger.info("loaded %s in %.2fs", key, time.monotonic() - start)
+        self.load_seconds[key] = time.monotonic() - start
+        logger.info("loaded %s in %.2fs", key, self.load_seconds[key])
 
     def _config_for(self, entry: _Entry) -> ServableConfig:
         config = apply_overrides(registry.get(entry.model_path), entry.overrides)

@@ -68,6 +68,14 @@ class EngineStats:
     waiting: int
     running: int
     free_slots: int
+    # KV cache slots in all.
+    slots: int = 0
+    # Tokens sampled since the engine started (every sample of every request).
+    tokens: int = 0
+    # time.monotonic() of the last completed step, or of the submit that ended an idle period:
+    # with requests waiting or running, now minus this is how long the engine has made no
+    # progress.
+    last_progress: float = 0.0
 
 
 @dataclass
@@ -121,6 +129,8 @@ class Engine:
         self._active: dict[int, _Active] = {}
         self._ids = itertools.count(1)
         self._closing = False
+        self._tokens = 0
+        self._last_progress = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -145,6 +155,8 @@ class Engine:
         with self._cond:
             if self._closing:
                 raise _shutdown_error()
+            if not self._scheduler.has_work():
+                self._last_progress = time.monotonic()  # idle time is not a stall
             self._scheduler.add(request)
             self._active[request.request_id] = active
             self._cond.notify()
@@ -159,7 +171,15 @@ class Engine:
     def stats(self) -> EngineStats:
         with self._cond:
             s = self._scheduler
-            return EngineStats(s.step, s.num_waiting, s.num_running, s.num_free_slots)
+            return EngineStats(
+                s.step,
+                s.num_waiting,
+                s.num_running,
+                s.num_free_slots,
+                slots=self._runner.num_slots,
+                tokens=self._tokens,
+                last_progress=self._last_progress,
+            )
 
     def close(self, timeout: float = 60.0) -> bool:
         """Stops the engine thread after its current step; pending requests fail with
@@ -228,7 +248,7 @@ class Engine:
         ended: dict[SampleKey, FinishReason] = {}
         for key, token, lp in zip(keys, tokens, token_logp, strict=True):
             active = self._active[key[0]]
-            if token in self._eos:
+            if token in self._eos and not active.request.ignore_eos:
                 ended[key] = FinishReason.EOS
                 continue
             active.scores[key[1]] += lp
@@ -239,6 +259,8 @@ class Engine:
         with self._cond:
             result = self._scheduler.update(output, dict(zip(keys, tokens, strict=True)), ended)
             done = {rid: self._active.pop(rid) for rid in result.done}
+            self._tokens += len(keys)
+            self._last_progress = time.monotonic()
         reasons: dict[SampleKey, FinishReason] = {}
         for f in result.finished:
             reasons[f.key] = f.reason

@@ -80,6 +80,8 @@ class Request:
     deadline: float | None = None
     # Set by the caller to abort the request; checked before every engine step.
     cancel: threading.Event | None = field(default=None, compare=False)
+    # End-of-sequence tokens do not end a sample (GENERATE; benchmarks of fixed output lengths).
+    ignore_eos: bool = False
 
     @property
     def slots_needed(self) -> int:

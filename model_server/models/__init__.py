@@ -33,10 +33,18 @@ def device_for(chip: str) -> str:
     return "cuda" if chip in platform.GPU_CHIPS else "cpu"
 
 
-def build_servable(config: ServableConfig, checkpoint_path: str, chip: str = "cpu") -> Servable:
+def default_backend(chip: str) -> str:
+    """The engine of a platform when --backend is not given: "jax" on TPUs, else "torch"."""
+    return "jax" if chip in platform.TPU_CHIPS else "torch"
+
+
+def build_servable(
+    config: ServableConfig, checkpoint_path: str, chip: str = "cpu", backend: str = ""
+) -> Servable:
     """Builds the servable of a config (blocking: reads weights). Test-mode configs ignore the
-    checkpoint. FAILED_PRECONDITION when no engine serves the config's type, or the checkpoint
-    is incomplete or does not fit the config."""
+    checkpoint. `backend` is "torch", "jax" or "" (`default_backend` of the chip).
+    FAILED_PRECONDITION when no engine serves the config's type, or the checkpoint is
+    incomplete or does not fit the config."""
     from model_server.params.llama import LlamaConfig
     from model_server.params.test import TinyLM
 
@@ -45,6 +53,8 @@ def build_servable(config: ServableConfig, checkpoint_path: str, chip: str = "cp
 
         return TinyLMServable(config)
     if isinstance(config, LlamaConfig):
+        if (backend or default_backend(chip)) == "jax":
+            return _build_llama_jax(config, checkpoint_path)
         return _build_llama(config, checkpoint_path, device_for(chip))
     raise FailedPreconditionError(
         f"no engine can serve configs of type {type(config).__name__} "
@@ -85,6 +95,29 @@ def _build_llama(config: Any, checkpoint_path: str, device: str) -> Servable:
         type(config).__name__,
         ckpt.path,
         device,
+        time.monotonic() - started,
+    )
+    return EngineServable(config, runner, tokenizer, eos_ids=eos_ids)
+
+
+def _build_llama_jax(config: Any, checkpoint_path: str) -> Servable:
+    from model_server.checkpoint import open_checkpoint
+    from model_server.engine.jax_runner import load_runner
+    from model_server.engine.servable import EngineServable
+    from model_server.engine.tokenizer import Tokenizer
+
+    started = time.monotonic()
+    ckpt = open_checkpoint(checkpoint_path)
+    check_architecture(config, ckpt.config, ckpt.path)
+    tokenizer = Tokenizer.from_dir(ckpt.tokenizer_dir())
+    runner = load_runner(config, ckpt)
+    eos = ckpt.config.get("eos_token_id")
+    eos_ids = [] if eos is None else (list(eos) if isinstance(eos, (list, tuple)) else [eos])
+    logger.info(
+        "built %s from %s with JAX (mesh %s) in %.2f s",
+        type(config).__name__,
+        ckpt.path,
+        list(config.ici_mesh_shape),
         time.monotonic() - started,
     )
     return EngineServable(config, runner, tokenizer, eos_ids=eos_ids)

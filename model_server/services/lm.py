@@ -7,27 +7,34 @@ awaited on the event loop and cancelled with its coroutine. Any other servable's
 a thread pool, never on the event loop: a streamed generation runs in one worker thread that
 hands each step to the event loop; when the call ends the worker stops at the next step and
 closes the servable's iterator.
+
+`CallTracker` counts the calls in flight (what a graceful drain waits for), refuses new calls with
+UNAVAILABLE once the server drains, and feeds the call metrics (`model_server.metrics`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import grpc
 
+from model_server.metrics import ModelServerMetrics
 from model_server.model_manager import LoadedModel, ModelManager
 from model_server.servable import AsyncServable, SamplingParams, StreamItem
-from sax.errors import InvalidArgumentError
+from sax.errors import InvalidArgumentError, SaxError, UnavailableError
 from sax.rpc import handle_errors
 from sax.v1 import lm_pb2, lm_pb2_grpc
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 _ITEM, _ERROR, _DONE = range(3)
 
@@ -104,12 +111,99 @@ def _cancel(params: SamplingParams) -> None:
         params.cancel.set()
 
 
+class _Call:
+    """Timing of one call in flight (stream items for the token metrics)."""
+
+    def __init__(self, method: str, metrics: ModelServerMetrics | None) -> None:
+        self.method = method
+        self.started = time.monotonic()
+        self._last_item: float | None = None
+        self._metrics = metrics
+
+    def item(self) -> None:
+        """Records that a stream item went out."""
+        now = time.monotonic()
+        if self._metrics is not None:
+            if self._last_item is None:
+                self._metrics.time_to_first_token.labels(self.method).observe(now - self.started)
+            else:
+                self._metrics.time_per_output_token.labels(self.method).observe(
+                    now - self._last_item
+                )
+        self._last_item = now
+
+
+def _drain_error() -> UnavailableError:
+    return UnavailableError(
+        "this model server is draining (shutting down); retry on another replica"
+    )
+
+
+class CallTracker:
+    """The LM calls in flight: counted, refused while draining, measured. Used on the server's
+    event loop."""
+
+    def __init__(self, metrics: ModelServerMetrics | None = None) -> None:
+        self.metrics = metrics
+        self.in_flight = 0
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def drain(self) -> None:
+        """Refuses every new call with UNAVAILABLE from now on."""
+        self.draining = True
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Waits up to timeout seconds for the calls in flight to end; True when none is left."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), max(0.0, timeout))
+        except asyncio.TimeoutError:
+            return self.in_flight == 0
+        return True
+
+    @asynccontextmanager
+    async def call(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[_Call]:
+        """Wraps one call: UNAVAILABLE when draining; counts it and records its status code."""
+        call = _Call(method, self.metrics)
+        code = "OK"
+        counted = False
+        try:
+            if self.draining:
+                raise _drain_error()
+            self.in_flight += 1
+            self._idle.clear()
+            counted = True
+            yield call
+        except SaxError as e:
+            code = e.code.name
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            remaining = context.time_remaining()
+            code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+            raise
+        except BaseException:
+            code = "INTERNAL"
+            raise
+        finally:
+            if counted:
+                self.in_flight -= 1
+                if self.in_flight == 0:
+                    self._idle.set()
+            if self.metrics is not None:
+                self.metrics.observe_call(method, code, time.monotonic() - call.started)
+
+
 class LMServicer(lm_pb2_grpc.LMServiceServicer):
     """Adapter from the LM protos to the servables of a `ModelManager`."""
 
-    def __init__(self, manager: ModelManager, executor: Executor) -> None:
+    def __init__(
+        self, manager: ModelManager, executor: Executor, calls: CallTracker | None = None
+    ) -> None:
+        """`calls` tracks the calls (drain, metrics); a private one when not given."""
         self._manager = manager
         self._executor = executor
+        self.calls = calls or CallTracker()
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -119,7 +213,10 @@ class LMServicer(lm_pb2_grpc.LMServiceServicer):
     async def Generate(
         self, request: lm_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> lm_pb2.GenerateResponse:
-        async with self._manager.use(request.model_key) as model:
+        async with (
+            self.calls.call("Generate", context),
+            self._manager.use(request.model_key) as model,
+        ):
             _check_method(model, "lm.generate")
             params = _call_params(model, request, context)
             servable = model.servable
@@ -138,7 +235,10 @@ class LMServicer(lm_pb2_grpc.LMServiceServicer):
     async def GenerateStream(
         self, request: lm_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[lm_pb2.GenerateStreamResponse]:
-        async with self._manager.use(request.model_key) as model:
+        async with (
+            self.calls.call("GenerateStream", context) as call,
+            self._manager.use(request.model_key) as model,
+        ):
             _check_method(model, "lm.generate_stream")
             params = _call_params(model, request, context)
             servable = model.servable
@@ -150,6 +250,7 @@ class LMServicer(lm_pb2_grpc.LMServiceServicer):
                 steps = iterate_in_thread(make, self._executor)
             try:
                 async for step in steps:
+                    call.item()
                     yield lm_pb2.GenerateStreamResponse(
                         items=[
                             lm_pb2.GenerateStreamItem(
@@ -168,18 +269,19 @@ class LMServicer(lm_pb2_grpc.LMServiceServicer):
     async def Score(
         self, request: lm_pb2.ScoreRequest, context: grpc.aio.ServicerContext
     ) -> lm_pb2.ScoreResponse:
-        if not request.suffix:
-            raise InvalidArgumentError("Score needs at least one suffix")
-        async with self._manager.use(request.model_key) as model:
-            _check_method(model, "lm.score")
-            params = _call_params(model, request, context)
-            servable = model.servable
-            suffixes = list(request.suffix)
-            try:
-                if isinstance(servable, AsyncServable):
-                    logp = await servable.score_async(request.prefix, suffixes, params)
-                else:
-                    logp = await self._run(servable.score, request.prefix, suffixes, params)
-            finally:
-                _cancel(params)
+        async with self.calls.call("Score", context):
+            if not request.suffix:
+                raise InvalidArgumentError("Score needs at least one suffix")
+            async with self._manager.use(request.model_key) as model:
+                _check_method(model, "lm.score")
+                params = _call_params(model, request, context)
+                servable = model.servable
+                suffixes = list(request.suffix)
+                try:
+                    if isinstance(servable, AsyncServable):
+                        logp = await servable.score_async(request.prefix, suffixes, params)
+                    else:
+                        logp = await self._run(servable.score, request.prefix, suffixes, params)
+                finally:
+                    _cancel(params)
         return lm_pb2.ScoreResponse(logp=logp)

@@ -325,21 +325,31 @@ async def _loaded_on(server: ModelServer) -> bool:
     return any(m.status == common_pb2.LOADED for m in server.manager.statuses())
 
 
-def test_second_admin_takes_over_and_the_first_stops(tmp_path) -> None:
+def test_second_admin_waits_as_standby_and_takes_over_when_the_first_stops(tmp_path) -> None:
     async def body() -> None:
         async with cell(tmp_path) as c:
             first = await c.start_admin()
             a = await c.start_server()
             await c.stub().Publish(publish(replicas=1), timeout=5)
             await until(lambda: _ready_is(c, {a.address}))
-            second = await c.start_admin()  # writes the location record: takes the cell over
-            await asyncio.wait_for(first.wait(), timeout=5)  # the first stops by itself
+            second = await c.start_admin()  # the lease is held: it waits as a standby
+            assert first.is_leader and not second.is_leader
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await c.stub().List(admin_pb2.ListRequest(), timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert first.config.address in (err.value.details() or "")
+            loads, first_fencing = a.manager.total_loads, first.fencing
+            await first.stop(0)  # gives the lease up: the standby takes over at once
+
+            async def leads() -> bool:
+                return second.is_leader
+
+            await until(leads, timeout=5)
+            assert second.fencing > first_fencing
+            await until(lambda: _ready_is(c, {a.address}))
             await c.stub().Publish(publish("/sax/test/two", replicas=1), timeout=5)
             await until(lambda: _ready_in(c, "/sax/test/two", {a.address}))
-            await asyncio.sleep(1.0)  # the first admin would have unloaded it by now
-            assert await c.ready("/sax/test/two") == {a.address}
-            await first.stop(0)
-            assert c.admin is second
+            assert a.manager.total_loads == loads + 1  # adopted, not reloaded
 
     asyncio.run(body())
 

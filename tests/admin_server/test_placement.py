@@ -542,3 +542,19 @@ def test_placement_properties(
     # The input order does not matter.
     shuffled = place(models[::-1], servers[::-1], current, failed, max_failures)
     assert dict(shuffled.assignments) == dict(result.assignments)
+
+
+def test_a_mesh_goes_only_to_servers_with_that_many_devices() -> None:
+    path = "llama.SmolLM2_135M"
+    eight = ServerSpec("e", frozenset([path]), 10, num_devices=8)
+    one = ServerSpec("o", frozenset([path]), 10, num_devices=1)
+    sharded = ModelSpec(mid("s"), path, replicas=2, memory_bytes=1, num_devices=8)
+    single = ModelSpec(mid("u"), path, replicas=2, memory_bytes=1, num_devices=1)
+    assert can_host(sharded, eight) and not can_host(sharded, one)
+    assert can_host(single, one) and not can_host(single, eight)
+    result = place([sharded, single], [eight, one], {})
+    assert result.assignments == {mid("s"): {"e"}, mid("u"): {"o"}}
+    assert result.unplaced == {mid("s"): 1, mid("u"): 1}
+    # 0 on either side means unknown: no device check.
+    assert can_host(ModelSpec(mid("x"), path, 1, 1), eight)
+    assert can_host(sharded, ServerSpec("z", frozenset([path]), 10))

@@ -112,6 +112,30 @@ class Cluster:
         admin.address = cell_layout.read_location(self.store, parse_cell(self.cell)).location
         return admin
 
+    def start_standby_admin(self, *flags: str) -> Proc:
+        """Starts another admin for the cell while one leads, and waits until it listens. It
+        waits as a standby and takes over when the leader's lease runs out."""
+        name = f"admin{sum(p.name.startswith('admin') for p in self.procs)}"
+        proc = self._start(
+            name,
+            [
+                "-m",
+                "admin_server",
+                f"--sax_cell={self.cell}",
+                "--port=0",
+                "--host=127.0.0.1",
+                *flags,
+            ],
+        )
+
+        def listening() -> str:
+            assert proc.alive(), f"admin exited:\n{self.logs()}"
+            m = re.search(r"listening on (\S+)", proc.log.read_text())
+            return m.group(1) if m else ""
+
+        proc.address = wait_for(listening, 30, f"{name} to listen")
+        return proc
+
     def start_model_server(self, *flags: str) -> Proc:
         """Starts a model server on a free port and waits until the admin lists it."""
         name = f"ms{sum(p.name.startswith('ms') for p in self.procs)}"
@@ -138,6 +162,12 @@ class Cluster:
         proc.address = wait_for(listening, 30, f"{name} to listen")
         wait_for(lambda: proc.address in self.server_addresses(), 30, f"{name} to join")
         return proc
+
+    def start_follower(self, *flags: str) -> Proc:
+        """Starts a non-zero process of a multi-process model server (`--jax_process_id=N`
+        among the flags); it serves nothing itself, so nothing is waited for."""
+        name = f"follower{sum(p.name.startswith('follower') for p in self.procs)}"
+        return self._start(name, ["-m", "model_server", "--backend=jax", *flags])
 
     def _admin_id(self) -> str:
         try:

@@ -37,6 +37,18 @@ def test_bad_flags_exit_2_with_one_line() -> None:
         assert len(lines) == 1 and lines[0].startswith("python -m model_server: error:"), lines
     assert "sax_root" in run_main("--sax_cell=/sax/t").stderr
     assert "abacus" in run_main("--platform_chip=abacus").stderr
+    for flag in ("--metrics_port=70000", "--stall_timeout_s=-1"):
+        result = run_main(flag)
+        assert result.returncode == 2 and flag.split("=")[0] in result.stderr, result.stderr
+
+
+def test_metrics_and_stall_flags_reach_the_config() -> None:
+    from model_server.__main__ import parse_config
+
+    config, _ = parse_config(["--metrics_port=9100", "--stall_timeout_s=5"])
+    assert (config.metrics_port, config.stall_timeout_s) == (9100, 5.0)
+    config, _ = parse_config([])
+    assert (config.metrics_port, config.stall_timeout_s) == (0, 30.0)
 
 
 def test_serves_and_exits_cleanly_on_sigterm(

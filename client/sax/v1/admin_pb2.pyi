@@ -238,14 +238,16 @@ class WaitForReadyResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("address", "model_server", "server_id")
+    __slots__ = ("address", "model_server", "server_id", "draining")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODEL_SERVER_FIELD_NUMBER: _ClassVar[int]
     SERVER_ID_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     address: str
     model_server: ModelServer
     server_id: str
-    def __init__(self, address: _Optional[str] = ..., model_server: _Optional[_Union[ModelServer, _Mapping]] = ..., server_id: _Optional[str] = ...) -> None: ...
+    draining: bool
+    def __init__(self, address: _Optional[str] = ..., model_server: _Optional[_Union[ModelServer, _Mapping]] = ..., server_id: _Optional[str] = ..., draining: _Optional[bool] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
     __slots__ = ("admin_id",)

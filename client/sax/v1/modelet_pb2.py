@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from sax.v1 import common_pb2 as sax_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14sax/v1/modelet.proto\x12\x06sax.v1\x1a\x13sax/v1/common.proto\"\xf7\x01\n\x0bLoadRequest\x12\x11\n\tmodel_key\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x17\n\x0f\x63heckpoint_path\x18\x03 \x01(\t\x12(\n\x04\x61\x63ls\x18\x04 \x01(\x0b\x32\x1a.sax.v1.AccessControlLists\x12\x35\n\toverrides\x18\x05 \x03(\x0b\x32\".sax.v1.LoadRequest.OverridesEntry\x12\x15\n\rfencing_token\x18\x06 \x01(\x03\x1a\x30\n\x0eOverridesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x0e\n\x0cLoadResponse\"9\n\rUnloadRequest\x12\x11\n\tmodel_key\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\"\x10\n\x0eUnloadResponse\"3\n\x10GetStatusRequest\x12\x1f\n\x17include_failure_reasons\x18\x01 \x01(\x08\"\x97\x02\n\x0fModelWithStatus\x12\x11\n\tmodel_key\x18\x01 \x01(\t\x12)\n\x0cmodel_status\x18\x02 \x01(\x0e\x32\x13.sax.v1.ModelStatus\x12\x16\n\x0e\x66\x61ilure_reason\x18\x03 \x01(\t\x12\x12\n\nmodel_path\x18\x04 \x01(\t\x12\x17\n\x0f\x63heckpoint_path\x18\x05 \x01(\t\x12\x14\n\x0cmethod_names\x18\x06 \x03(\t\x12\x39\n\toverrides\x18\x07 \x03(\x0b\x32&.sax.v1.ModelWithStatus.OverridesEntry\x1a\x30\n\x0eOverridesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"{\n\x11GetStatusResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.sax.v1.ModelWithStatus\x12\x11\n\tserver_id\x18\x02 \x01(\t\x12\x13\n\x0btotal_loads\x18\x03 \x01(\x03\x12\x15\n\rtotal_unloads\x18\x04 \x01(\x03\x32\xb7\x01\n\x07Modelet\x12\x31\n\x04Load\x12\x13.sax.v1.LoadRequest\x1a\x14.sax.v1.LoadResponse\x12\x37\n\x06Unload\x12\x15.sax.v1.UnloadRequest\x1a\x16.sax.v1.UnloadResponse\x12@\n\tGetStatus\x12\x18.sax.v1.GetStatusRequest\x1a\x19.sax.v1.GetStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14sax/v1/modelet.proto\x12\x06sax.v1\x1a\x13sax/v1/common.proto\"\xf7\x01\n\x0bLoadRequest\x12\x11\n\tmodel_key\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x17\n\x0f\x63heckpoint_path\x18\x03 \x01(\t\x12(\n\x04\x61\x63ls\x18\x04 \x01(\x0b\x32\x1a.sax.v1.AccessControlLists\x12\x35\n\toverrides\x18\x05 \x03(\x0b\x32\".sax.v1.LoadRequest.OverridesEntry\x12\x15\n\rfencing_token\x18\x06 \x01(\x03\x1a\x30\n\x0eOverridesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x0e\n\x0cLoadResponse\"9\n\rUnloadRequest\x12\x11\n\tmodel_key\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\"\x10\n\x0eUnloadResponse\"J\n\x10GetStatusRequest\x12\x1f\n\x17include_failure_reasons\x18\x01 \x01(\x08\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\"\x97\x02\n\x0fModelWithStatus\x12\x11\n\tmodel_key\x18\x01 \x01(\t\x12)\n\x0cmodel_status\x18\x02 \x01(\x0e\x32\x13.sax.v1.ModelStatus\x12\x16\n\x0e\x66\x61ilure_reason\x18\x03 \x01(\t\x12\x12\n\nmodel_path\x18\x04 \x01(\t\x12\x17\n\x0f\x63heckpoint_path\x18\x05 \x01(\t\x12\x14\n\x0cmethod_names\x18\x06 \x03(\t\x12\x39\n\toverrides\x18\x07 \x03(\x0b\x32&.sax.v1.ModelWithStatus.OverridesEntry\x1a\x30\n\x0eOverridesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x92\x01\n\x11GetStatusResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.sax.v1.ModelWithStatus\x12\x11\n\tserver_id\x18\x02 \x01(\t\x12\x13\n\x0btotal_loads\x18\x03 \x01(\x03\x12\x15\n\rtotal_unloads\x18\x04 \x01(\x03\x12\x15\n\rhealth_reason\x18\x05 \x01(\t2\xb7\x01\n\x07Modelet\x12\x31\n\x04Load\x12\x13.sax.v1.LoadRequest\x1a\x14.sax.v1.LoadResponse\x12\x37\n\x06Unload\x12\x15.sax.v1.UnloadRequest\x1a\x16.sax.v1.UnloadResponse\x12@\n\tGetStatus\x12\x18.sax.v1.GetStatusRequest\x1a\x19.sax.v1.GetStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,13 +47,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UNLOADRESPONSE']._serialized_start=378
   _globals['_UNLOADRESPONSE']._serialized_end=394
   _globals['_GETSTATUSREQUEST']._serialized_start=396
-  _globals['_GETSTATUSREQUEST']._serialized_end=447
-  _globals['_MODELWITHSTATUS']._serialized_start=450
-  _globals['_MODELWITHSTATUS']._serialized_end=729
+  _globals['_GETSTATUSREQUEST']._serialized_end=470
+  _globals['_MODELWITHSTATUS']._serialized_start=473
+  _globals['_MODELWITHSTATUS']._serialized_end=752
   _globals['_MODELWITHSTATUS_OVERRIDESENTRY']._serialized_start=253
   _globals['_MODELWITHSTATUS_OVERRIDESENTRY']._serialized_end=301
-  _globals['_GETSTATUSRESPONSE']._serialized_start=731
-  _globals['_GETSTATUSRESPONSE']._serialized_end=854
-  _globals['_MODELET']._serialized_start=857
-  _globals['_MODELET']._serialized_end=1040
+  _globals['_GETSTATUSRESPONSE']._serialized_start=755
+  _globals['_GETSTATUSRESPONSE']._serialized_end=901
+  _globals['_MODELET']._serialized_start=904
+  _globals['_MODELET']._serialized_end=1087
 # @@protoc_insertion_point(module_scope)

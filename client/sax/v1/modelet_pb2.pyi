@@ -47,10 +47,12 @@ class UnloadResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusRequest(_message.Message):
-    __slots__ = ("include_failure_reasons",)
+    __slots__ = ("include_failure_reasons", "fencing_token")
     INCLUDE_FAILURE_REASONS_FIELD_NUMBER: _ClassVar[int]
+    FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
     include_failure_reasons: bool
-    def __init__(self, include_failure_reasons: _Optional[bool] = ...) -> None: ...
+    fencing_token: int
+    def __init__(self, include_failure_reasons: _Optional[bool] = ..., fencing_token: _Optional[int] = ...) -> None: ...
 
 class ModelWithStatus(_message.Message):
     __slots__ = ("model_key", "model_status", "failure_reason", "model_path", "checkpoint_path", "method_names", "overrides")
@@ -78,13 +80,15 @@ class ModelWithStatus(_message.Message):
     def __init__(self, model_key: _Optional[str] = ..., model_status: _Optional[_Union[_common_pb2.ModelStatus, str]] = ..., failure_reason: _Optional[str] = ..., model_path: _Optional[str] = ..., checkpoint_path: _Optional[str] = ..., method_names: _Optional[_Iterable[str]] = ..., overrides: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("models", "server_id", "total_loads", "total_unloads")
+    __slots__ = ("models", "server_id", "total_loads", "total_unloads", "health_reason")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     SERVER_ID_FIELD_NUMBER: _ClassVar[int]
     TOTAL_LOADS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_UNLOADS_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_REASON_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelWithStatus]
     server_id: str
     total_loads: int
     total_unloads: int
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelWithStatus, _Mapping]]] = ..., server_id: _Optional[str] = ..., total_loads: _Optional[int] = ..., total_unloads: _Optional[int] = ...) -> None: ...
+    health_reason: str
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelWithStatus, _Mapping]]] = ..., server_id: _Optional[str] = ..., total_loads: _Optional[int] = ..., total_unloads: _Optional[int] = ..., health_reason: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,170 @@
+"""Prometheus metrics of a model server, served over HTTP with `--metrics_port`.
+
+Call metrics (updated by the LM service):
+- `sax_model_server_requests_total{method, code}`: finished LM calls by method ("Generate",
+  "GenerateStream", "Score") and gRPC status code name ("OK", "UNAVAILABLE", ...).
+- `sax_model_server_request_latency_seconds{method}`: end-to-end seconds of a call.
+- `sax_model_server_time_to_first_token_seconds{method}`: seconds from a stream's start to its
+  first item.
+- `sax_model_server_time_per_output_token_seconds{method}`: seconds between a stream's items
+  after the first (a stream item is one decode step).
+- `sax_model_server_calls_in_flight`: LM calls running now.
+
+Model metrics, read from the loaded models at scrape time, labelled `model` (the model key):
+- `sax_model_server_model_load_seconds`: seconds the model's load took (weights read and placed).
+Of models served by the batching engine:
+- `sax_model_server_queue_depth`: requests waiting for a cache slot.
+- `sax_model_server_running_requests`: requests holding cache slots.
+- `sax_model_server_cache_slots_used` / `sax_model_server_cache_slots`: KV cache slots in use
+  and in all.
+- `sax_model_server_generated_tokens_total`: tokens sampled.
+
+Every server has its own `CollectorRegistry`, so several servers can run in one process.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, NamedTuple
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:  # the engine imports torch; a TinyLM-only server never does
+    from model_server.engine.engine import EngineStats
+
+logger = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+class ModelSample(NamedTuple):
+    """One loaded model as a scrape sees it."""
+
+    # The model key, e.g. "/sax/test/tiny".
+    key: str
+    # Seconds its load took; None when unknown.
+    load_seconds: float | None
+    # Its engine's load; None when the model is not served by the batching engine.
+    stats: EngineStats | None
+
+
+# Lists the loaded models at scrape time.
+ModelSource = Callable[[], Iterable[ModelSample]]
+
+
+class _ModelCollector(Collector):
+    """Gauges of every loaded model, read when scraped."""
+
+    def __init__(self, source: ModelSource) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Any]:
+        load = GaugeMetricFamily(
+            "sax_model_server_model_load_seconds",
+            "Seconds the model's load took (weights read and placed).",
+            labels=["model"],
+        )
+        waiting = GaugeMetricFamily(
+            "sax_model_server_queue_depth", "Requests waiting for a cache slot.", labels=["model"]
+        )
+        running = GaugeMetricFamily(
+            "sax_model_server_running_requests",
+            "Requests holding KV cache slots.",
+            labels=["model"],
+        )
+        used = GaugeMetricFamily(
+            "sax_model_server_cache_slots_used", "KV cache slots in use.", labels=["model"]
+        )
+        total = GaugeMetricFamily(
+            "sax_model_server_cache_slots", "KV cache slots of the model.", labels=["model"]
+        )
+        tokens = CounterMetricFamily(
+            "sax_model_server_generated_tokens", "Tokens sampled.", labels=["model"]
+        )
+        try:
+            models = list(self._source())
+        except Exception:  # a scrape must not fail for a model being unloaded
+            logger.exception("reading the models' stats failed")
+            models = []
+        for key, load_seconds, stats in models:
+            if load_seconds is not None:
+                load.add_metric([key], load_seconds)
+            if stats is None:
+                continue
+            waiting.add_metric([key], stats.waiting)
+            running.add_metric([key], stats.running)
+            used.add_metric([key], stats.slots - stats.free_slots)
+            total.add_metric([key], stats.slots)
+            tokens.add_metric([key], stats.tokens)
+        yield from (load, waiting, running, used, total, tokens)
+
+
+class ModelServerMetrics:
+    """The collectors of one model server, in their own registry."""
+
+    def __init__(self, models: ModelSource, in_flight: Callable[[], float]) -> None:
+        """`models` lists the loaded models at scrape time; `in_flight` counts the LM calls
+        running."""
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "sax_model_server_requests",
+            "LM calls finished, by method and gRPC status code.",
+            ("method", "code"),
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "sax_model_server_request_latency_seconds",
+            "End-to-end seconds of an LM call, by method.",
+            ("method",),
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.time_to_first_token = Histogram(
+            "sax_model_server_time_to_first_token_seconds",
+            "Seconds from the start of a streamed call to its first item.",
+            ("method",),
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.time_per_output_token = Histogram(
+            "sax_model_server_time_per_output_token_seconds",
+            "Seconds between two items of a streamed call (one decode step), after the first.",
+            ("method",),
+            buckets=_TOKEN_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "sax_model_server_calls_in_flight", "LM calls running now.", registry=self.registry
+        )
+        self.in_flight.set_function(in_flight)
+        self.registry.register(_ModelCollector(models))
+        self._http: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def observe_call(self, method: str, code: str, seconds: float) -> None:
+        """Counts one finished call and its latency."""
+        self.requests.labels(method, code).inc()
+        self.latency.labels(method).observe(seconds)
+
+    def serve(self, host: str, port: int) -> int:
+        """Serves /metrics over HTTP on host:port (port 0: any free one); returns the port."""
+        self._http, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        bound = int(self._http.server_port)
+        logger.info("metrics on http://%s:%d/metrics", host, bound)
+        return bound
+
+    def close(self) -> None:
+        """Stops the HTTP endpoint (if serving)."""
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
