@@ -37,9 +37,9 @@ class AdminConfig:
     # Leader lease (admin high availability): seconds a lease holds after each renewal. A
     # standby takes over at most lease_s + clock_skew_s + standby_poll_s after the leader's
     # last renewal.
-    lease_s: float = 6.0
+    lease_s: float = 5.0
     # Seconds between two renewals by the leader (about lease_s / 3).
-    lease_renew_s: float = 2.0
+    lease_renew_s: float = 1.5
     # Seconds between two looks at the lease by a standby.
     standby_poll_s: float = 1.0
     # Largest wall-clock difference assumed between two admins of the cell; lease_s must be

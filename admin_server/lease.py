@@ -3,7 +3,7 @@
 The lease is one small JSON object in sax_root, `<sax_root>/sax/<cell>/lease`:
 
     {"holder": "3f2a9c...", "address": "10.0.0.5:10000", "fencing": 7,
-     "renewed_ms": 1718000000000, "lease_s": 6.0}
+     "renewed_ms": 1718000000000, "lease_s": 5.0}
 
 - holder: the admin id of the leader ("" once released); address: where it serves.
 - fencing: +1 on every change of holder, never reset (a released lease keeps its number), so a

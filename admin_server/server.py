@@ -194,7 +194,7 @@ class AdminServer:
         """Holding the lease: restore the state, write the location record, serve."""
         assert self._lease is not None
         started = time.monotonic()
-        state = PublishedState(self._store, self._cell)
+        state = PublishedState(self._store, self._cell, may_write=self._lease.held)
         try:
             await asyncio.to_thread(state.restore)
         except Exception as e:

@@ -22,7 +22,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from google.protobuf import unknown_fields
 from google.protobuf.message import DecodeError
@@ -56,10 +56,19 @@ class PublishedState:
     """Published models of one cell, kept in memory and in <sax_root>/sax/<cell>/state.proto
     (with the previous good copy in state.proto.prev)."""
 
-    def __init__(self, store: Store, cell: CellName, save_retry_s: float = SAVE_RETRY_S) -> None:
+    def __init__(
+        self,
+        store: Store,
+        cell: CellName,
+        save_retry_s: float = SAVE_RETRY_S,
+        may_write: Callable[[], bool] | None = None,
+    ) -> None:
+        """may_write() says whether this admin may still write the state (it holds the cell's
+        lease); checked right before every write, so a deposed leader overwrites nothing."""
         self._store = store
         self._cell = cell
         self._save_retry_s = save_retry_s
+        self._may_write = may_write
         self._models: dict[str, admin_pb2.Model] = {}
         self._lock = asyncio.Lock()
         # The bytes of state.proto as last restored or saved (None: no state file yet).
@@ -250,6 +259,8 @@ class PublishedState:
             try:
                 await asyncio.to_thread(self._write, data)
                 break
+            except _NotLeaderError:
+                raise
             except Exception as e:
                 self.save_failures += 1
                 if time.monotonic() + delay > give_up:
@@ -264,9 +275,18 @@ class PublishedState:
         self._good = data
 
     def _write(self, data: bytes) -> None:
+        if self._may_write is not None and not self._may_write():
+            raise _NotLeaderError(
+                f"this admin no longer leads cell {self._cell}; nothing was changed, retry on "
+                "the new leader"
+            )
         if self._good is not None and self._good != data:
             self._store.write(self.backup_path, self._good)
         self._store.write(self.state_path, data)
+
+
+class _NotLeaderError(UnavailableError):
+    """The admin lost the cell's lease before it could save."""
 
 
 def _validate_overrides(model_path: str, overrides: Mapping[str, str]) -> None:

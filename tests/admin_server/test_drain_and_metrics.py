@@ -4,7 +4,6 @@ Prometheus endpoint follows the cell: an admin and two model servers in-process 
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable
@@ -36,12 +35,6 @@ async def until(predicate: Callable[[], Awaitable[bool] | bool], timeout: float 
     raise AssertionError(f"condition not met within {timeout} s")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         text = r.read().decode()
@@ -69,7 +62,7 @@ def test_a_draining_server_leaves_at_once_and_metrics_follow(tmp_path) -> None:
             )
         )
         metrics = AdminMetrics(admin)
-        port = metrics.serve("127.0.0.1", free_port())
+        port = metrics.serve("127.0.0.1", 0)
         await admin.start()
         servers = []
         for _ in range(2):
@@ -110,7 +103,8 @@ def test_a_draining_server_leaves_at_once_and_metrics_follow(tmp_path) -> None:
             update = list((await watch.read()).addresses)
             dropped_after = time.monotonic() - started
             assert address not in update
-            assert dropped_after < 1.0, f"the admin dropped the server after {dropped_after:.2f} s"
+            # Well under the 5 s poll period (slack for a busy machine).
+            assert dropped_after < 2.5, f"the admin dropped the server after {dropped_after:.2f} s"
             # The replica is placed on the other server, long before any poll could notice.
             while update != [other.address]:
                 update = list((await watch.read()).addresses)

@@ -120,3 +120,18 @@ def test_failed_save_changes_nothing(store, monkeypatch) -> None:
     with pytest.raises(UnavailableError):
         asyncio.run(state.unpublish("/sax/test/keep"))
     assert list(state.models()) == ["/sax/test/keep"]
+
+
+def test_an_admin_that_lost_its_lease_saves_nothing(store) -> None:
+    leading = [True]
+    state = PublishedState(store, CELL, may_write=lambda: leading[0])
+    asyncio.run(state.publish(_model("/sax/test/kept")))
+    saved = cell_layout.read_state(store, CELL)
+    leading[0] = False  # deposed: a new leader may have restored the state already
+    with pytest.raises(UnavailableError, match="no longer leads"):
+        asyncio.run(state.publish(_model("/sax/test/late")))
+    with pytest.raises(UnavailableError, match="no longer leads"):
+        asyncio.run(state.unpublish("/sax/test/kept"))
+    assert cell_layout.read_state(store, CELL) == saved
+    assert set(state.models()) == {"/sax/test/kept"}
+    assert state.save_failures == 0

@@ -160,7 +160,8 @@ def test_sigterm_drains_a_model_server(
         assert code == 0, log[-3000:]
         assert int(in_flight.group(1)) >= 1
         assert f"drained: the {in_flight.group(1)} calls in flight finished" in log
-        assert drop_s < 1.0, f"the admin dropped the server {drop_s:.2f} s after SIGTERM"
+        # Under the 2 s poll period and far under the 10 s dead-server timeout.
+        assert drop_s < 2.0, f"the admin dropped the server {drop_s:.2f} s after SIGTERM"
         assert c.ready_addresses(MODEL) == [survivor.address]
         assert metric(admin_port, "sax_admin_servers_joined") == 1
         assert metric(admin_port, "sax_admin_replicas_ready") == 1

@@ -77,9 +77,11 @@ def test_a_stalled_engine_turns_not_serving_until_tokens_flow(
         assert _health(ch) == SERVING and _reason(ch) == ""
 
         request = lm_pb2.GenerateRequest(model_key=KEY, text="abc")
+        # Taken before the call: the engine's last progress (the prefill) comes after it, so
+        # NOT_SERVING can only show STALL_S later, however late the first item reaches us.
+        stalled_at = time.monotonic()
         stream = lm_pb2_grpc.LMServiceStub(ch).GenerateStream(request, timeout=60)
         assert next(stream).items  # prefilled; every decode now waits at the gate
-        stalled_at = time.monotonic()
         wait_for(lambda: _health(ch) == NOT_SERVING, timeout=15, what="NOT_SERVING")
         assert time.monotonic() - stalled_at >= STALL_S
         assert _health(ch, "sax.v1.LMService") == NOT_SERVING
