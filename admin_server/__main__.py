@@ -115,7 +115,7 @@ async def _serve(config: AdminConfig) -> None:
         [waiter, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED
     )
     await server.stop()
-    metrics.close()
+    await asyncio.to_thread(metrics.close)  # joins the HTTP thread
     if waiter.done():
         waiter.result()  # raises what made the admin give up (e.g. a corrupt state)
 

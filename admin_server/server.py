@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import secrets
 import time
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -66,6 +67,9 @@ class AdminServer:
         self._store = open_store(config.sax_root)
         self._server: grpc.aio.Server | None = None
         self._run_task: asyncio.Task[None] | None = None
+        # The latest lease acquisition or renewal run in a storage thread: stop() awaits it, as
+        # cancelling the task that waits for it does not stop the thread.
+        self._lease_call: asyncio.Future[Any] | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._fatal: SaxError | None = None
         self._failed = asyncio.Event()
@@ -159,7 +163,13 @@ class AdminServer:
     async def _try_acquire(self) -> bool:
         assert self._lease is not None
         try:
-            won = await asyncio.to_thread(self._lease.try_acquire, self._predecessor_gone)
+            # Shielded: when stop() cancels this wait, the thread may still take the lease;
+            # stop() then awaits its outcome and gives the lease back.
+            acquiring = asyncio.ensure_future(
+                asyncio.to_thread(self._lease.try_acquire, self._predecessor_gone)
+            )
+            self._lease_call = acquiring
+            won = await asyncio.shield(acquiring)
             if not won:
                 record = await asyncio.to_thread(self._lease.read)
                 if record is not None and record.address:
@@ -241,6 +251,7 @@ class AdminServer:
                 return
             if renewal is None:
                 renewal = asyncio.ensure_future(asyncio.to_thread(lease.renew))
+                self._lease_call = renewal
             done, _ = await asyncio.wait({renewal}, timeout=remaining)
             if not done:
                 lease.abandon()  # storage too slow: the lease ran out while waiting
@@ -308,9 +319,16 @@ class AdminServer:
             self._run_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._run_task
-        leading = self.manager is not None
+        # An acquisition cut short may still take the lease, and a renewal still in flight would
+        # make the release's compare-and-swap miss: wait for either (bounded: a call started
+        # more than lease_s ago grants nothing anyway).
+        if self._lease_call is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._lease_call), self.config.lease_s)
         await self._step_down("stopping", logging.INFO)
-        if leading and self._lease is not None:
+        # Whenever this admin has a holding (fencing > 0), even one that ran out meanwhile: the
+        # release is a compare-and-swap, so it changes nothing if another admin took over.
+        if self._lease is not None and self._lease.fencing:
             try:
                 await asyncio.to_thread(self._lease.release)
             except Exception as e:  # noqa: BLE001 - the lease then runs out by itself

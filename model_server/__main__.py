@@ -193,8 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             multihost.initialize(config.chip, config.topology, group, config.jax_cache_dir)
             if group is not None and group.process_id != 0:
-                multihost.follow(group)  # until process 0 stops
-                return 0
+                return multihost.follow(group)  # until process 0 stops or goes away
             if group is not None:
                 multihost.start_leader(group)
         try:

@@ -11,7 +11,8 @@ endian). Process 0 sends a call, runs it itself, then reads one reply per follow
 (`{"ok": true}` or `{"error": "..."}`); a load is two-phase: the followers first open the
 checkpoint and reply, then process 0 sends "go" (or "abort" when one failed) and everyone
 builds. One lock orders every call of every model, so all processes see the same sequence.
-A follower that disconnects makes later calls fail with UNAVAILABLE; restart the processes.
+A follower that disconnects makes later calls fail with UNAVAILABLE; a follower whose process 0
+goes away without saying "shutdown" exits with status 1. Restart every process of the server.
 """
 
 from __future__ import annotations
@@ -101,11 +102,18 @@ def initialize(
         if multihost:
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if multihost:
-        jax.distributed.initialize(
-            coordinator_address=multihost.coordinator,
-            num_processes=multihost.num_processes,
-            process_id=multihost.process_id,
-        )
+        try:
+            jax.distributed.initialize(
+                coordinator_address=multihost.coordinator,
+                num_processes=multihost.num_processes,
+                process_id=multihost.process_id,
+            )
+        except Exception as e:  # e.g. coordinator unreachable, or a process id already taken
+            raise UnavailableError(
+                f"jax.distributed could not start (process {multihost.process_id} of "
+                f"{multihost.num_processes}, coordinator {multihost.coordinator}): "
+                f"{type(e).__name__}: {' '.join(str(e).split())}"
+            ) from e
     from model_server.engine import jax_runner
 
     jax_runner.configure(cache_dir)
@@ -237,16 +245,29 @@ class Leader:
             ) from e
         return errors
 
+    def _run_then_replies(self, op: str, local: Callable[[], Any]) -> tuple[Any, list[str]]:
+        """Runs `local`, then reads the followers' replies. When `local` fails, its error is
+        raised and what the followers report (errors, or a lost channel) is only logged."""
+        try:
+            result = local()
+        except BaseException:
+            try:
+                errors = self._replies()
+            except UnavailableError as e:
+                errors = [str(e)]
+            if errors:
+                logger.error("%s also failed on followers: %s", op, "; ".join(errors))
+            raise
+        return result, self._replies()
+
     def step(self, message: Mapping[str, Any], local: Callable[[], Any]) -> Any:
         """Sends `message` to every follower, runs `local` here, waits for their replies."""
+        op = str(message.get("op"))
         with self._lock:
             self._broadcast(message)
-            try:
-                result = local()
-            finally:
-                errors = self._replies()
+            result, errors = self._run_then_replies(op, local)
             if errors:
-                raise InternalError(f"{message.get('op')} failed on " + "; ".join(errors))
+                raise InternalError(f"{op} failed on " + "; ".join(errors))
             return result
 
     def load(
@@ -271,10 +292,7 @@ class Leader:
             self._broadcast({"op": "abort" if errors else "go"})
             if errors:
                 raise FailedPreconditionError("loading failed on " + "; ".join(errors))
-            try:
-                runner = build()
-            finally:
-                errors = self._replies()
+            runner, errors = self._run_then_replies("load", build)
             if errors:
                 raise InternalError("loading failed on " + "; ".join(errors))
             return runner
@@ -334,21 +352,32 @@ def _connect(config: MultihostConfig, timeout_s: float) -> socket.socket:
             time.sleep(0.2)
 
 
-def follow(config: MultihostConfig, timeout_s: float = _CONNECT_TIMEOUT_S) -> None:
-    """Runs process 0's calls on this process until it says to stop or goes away."""
+def follow(config: MultihostConfig, timeout_s: float = _CONNECT_TIMEOUT_S) -> int:
+    """Runs process 0's calls on this process until it says to stop (returns 0) or goes away
+    (returns 1: the whole server must be restarted)."""
     sock = _connect(config, timeout_s)
-    _send(sock, {"process_id": config.process_id})
-    logger.info("process %d following %s", config.process_id, config.control_address())
     runners: dict[int, JaxRunner] = {}
+    try:
+        _send(sock, {"process_id": config.process_id})
+        logger.info("process %d following %s", config.process_id, config.control_address())
+        _follow_calls(sock, runners)
+        status = 0
+    except OSError as e:  # ConnectionError included
+        logger.error("process 0 closed the control channel (%s); stopping", e)
+        status = 1
+    for runner in runners.values():
+        runner.close()
+    sock.close()
+    return status
+
+
+def _follow_calls(sock: socket.socket, runners: dict[int, Any]) -> None:
+    """Runs process 0's calls until it says to stop; OSError when the channel breaks."""
     while True:
-        try:
-            message = _recv(sock)
-        except (ConnectionError, OSError):
-            logger.warning("process 0 closed the control channel; stopping")
-            break
+        message = _recv(sock)
         op = message.get("op")
         if op == "shutdown":
-            break
+            return
         if op == "load":
             _follow_load(sock, message, runners)
             continue
@@ -364,13 +393,12 @@ def follow(config: MultihostConfig, timeout_s: float = _CONNECT_TIMEOUT_S) -> No
                 runners.pop(message["id"]).close()
             else:
                 raise InvalidArgumentError(f"unknown control message {op!r}")
-            _send(sock, {"ok": True})
         except Exception as e:
             logger.exception("%s failed", op)
-            _send(sock, {"error": f"{type(e).__name__}: {e}"})
-    for runner in runners.values():
-        runner.close()
-    sock.close()
+            reply: dict[str, Any] = {"error": f"{type(e).__name__}: {e}"}
+        else:
+            reply = {"ok": True}
+        _send(sock, reply)
 
 
 def _follow_load(sock: socket.socket, message: Mapping[str, Any], runners: dict[int, Any]) -> None:
@@ -383,16 +411,18 @@ def _follow_load(sock: socket.socket, message: Mapping[str, Any], runners: dict[
         config = decode_config(message["config"])
         ckpt = open_checkpoint(message["checkpoint"])
         check_architecture(config, ckpt.config, ckpt.path)
-        _send(sock, {"ok": True})
-        ready = True
     except Exception as e:  # noqa: BLE001 - reported to process 0
-        _send(sock, {"error": f"{type(e).__name__}: {e}"})
-        ready = False
-    if _recv(sock).get("op") != "go" or not ready:
+        reply: dict[str, Any] = {"error": f"{type(e).__name__}: {e}"}
+    else:
+        reply = {"ok": True}
+    _send(sock, reply)
+    if _recv(sock).get("op") != "go" or "error" in reply:
         return
     try:
         runners[message["id"]] = jax_runner.build_jax_runner(config, ckpt, message.get("num_slots"))
-        _send(sock, {"ok": True})
     except Exception as e:
         logger.exception("load failed")
-        _send(sock, {"error": f"{type(e).__name__}: {e}"})
+        reply = {"error": f"{type(e).__name__}: {e}"}
+    else:
+        reply = {"ok": True}
+    _send(sock, reply)

@@ -216,7 +216,7 @@ class ModelServer:
             logger.info("drained: the %d calls in flight finished", in_flight)
         if self._server is not None:
             await self._server.stop(max(0.0, min(1.0, deadline - time.monotonic())))
-        self.metrics.close()
+        await asyncio.to_thread(self.metrics.close)  # joins the HTTP thread
         try:
             await asyncio.wait_for(self.manager.close(), UNLOAD_AT_STOP_S)
         except asyncio.TimeoutError:

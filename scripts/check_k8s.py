@@ -1,8 +1,10 @@
 """Checks of the Kubernetes manifests: every overlay of deploy/k8s rendered (render_k8s.py) and
 validated offline against the schemas of a pinned Kubernetes version (kubernetes-validate,
 strict: unknown fields are errors), then the cell's own rules: the servers' flags parse with
-their real parsers, gRPC probes on the served port, a drain that fits the termination grace
-period, PodDisruptionBudgets, Workload Identity, TPU and GPU resources that match the flags.
+their real parsers, probes on the served port (gRPC health where it means what the probe asks),
+a drain that fits the termination grace period, PodDisruptionBudgets, Workload Identity, TPU and
+GPU resources that match the flags, pod IPs advertised, Prometheus annotations that match
+--metrics_port, and admins whose standbys (never Ready) neither block rollouts nor evictions.
 """
 
 from __future__ import annotations
@@ -165,16 +167,92 @@ def _check_workload(obj: dict[str, Any], objects: list[dict[str, Any]], where: s
             problems.append(f"{where_c}: set runAsNonRoot: true (the image runs as uid 10001)")
         port = int(flag(argv, "port") or 0)
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            # A standby admin's health is NOT_SERVING: gRPC startup or liveness probes would
+            # restart it; its readiness (the leader only) is the gRPC health.
+            tcp = module == "admin_server" and probe != "readinessProbe"
             if probe not in container:
                 problems.append(f"{where_c}: no {probe}")
-            elif module != "gateway" and container[probe].get("grpc", {}).get("port") != port:
+            elif tcp and container[probe].get("tcpSocket", {}).get("port") != port:
+                problems.append(
+                    f"{where_c}: {probe} must be a tcpSocket probe on --port={port} (a standby "
+                    "admin answers NOT_SERVING on gRPC health and would be restarted)"
+                )
+            elif (
+                not tcp
+                and module != "gateway"
+                and (container[probe].get("grpc", {}).get("port") != port)
+            ):
                 problems.append(f"{where_c}: {probe} must be a grpc probe on --port={port}")
             elif _probe_port(container[probe], container) != port:
                 problems.append(f"{where_c}: {probe} does not probe --port={port}")
         if module in ("model_server", "gateway") and not _has_pdb(objects, labels):
             problems.append(f"{here}: no PodDisruptionBudget selects its pods")
+        if module in ("admin_server", "model_server"):
+            problems += _check_pod_ip(container, where_c)
+            problems += _check_metrics(pod, container, argv, where_c)
+        if module == "admin_server":
+            problems += _check_admin(obj, objects, labels, here)
         if module == "model_server":
             problems += _check_model_server(obj, container, argv, env, where_c)
+    return problems
+
+
+def _check_pod_ip(container: dict[str, Any], where: str) -> list[str]:
+    """The server advertises its own pod IP (the admin writes it into the location record)."""
+    advertise = next((a for a in container.get("args", []) if "--advertise_host" in a), "")
+    pod_ip = [
+        v["name"]
+        for v in container.get("env", [])
+        if v.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "status.podIP"
+    ]
+    if not pod_ip or advertise != f"--advertise_host=$({pod_ip[0]})":
+        return [f"{where}: pass --advertise_host=$(POD_IP) with POD_IP from status.podIP"]
+    return []
+
+
+def _check_metrics(
+    pod: dict[str, Any], container: dict[str, Any], argv: list[str], where: str
+) -> list[str]:
+    """--metrics_port, the container's `metrics` port and the prometheus.io annotations agree."""
+    metrics = int(flag(argv, "metrics_port") or 0)
+    notes = pod["metadata"].get("annotations", {})
+    scraped = notes.get("prometheus.io/scrape") == "true"
+    if not metrics:
+        return [f"{where}: prometheus.io/scrape without --metrics_port"] if scraped else []
+    problems = []
+    ports = {p.get("name"): p.get("containerPort") for p in container.get("ports", [])}
+    if ports.get("metrics") != metrics:
+        problems.append(f"{where}: name its --metrics_port {metrics} `metrics` under ports")
+    if not scraped or notes.get("prometheus.io/port") != str(metrics):
+        problems.append(
+            f'{where}: annotate the pod prometheus.io/scrape: "true" and prometheus.io/port: '
+            f'"{metrics}" (its --metrics_port)'
+        )
+    return problems
+
+
+def _check_admin(
+    obj: dict[str, Any], objects: list[dict[str, Any]], labels: dict[str, str], where: str
+) -> list[str]:
+    """Only the leading admin is Ready: a rollout that waits for Ready pods never replaces
+    it, and a PodDisruptionBudget would never let it be evicted."""
+    problems = []
+    replicas = int(obj["spec"].get("replicas", 1))
+    strategy = obj["spec"].get("strategy", {})
+    if obj["kind"] != "Deployment":
+        problems.append(f"{where}: run the admins as a Deployment")
+    elif replicas > 1 and strategy.get("type", "RollingUpdate") == "RollingUpdate":
+        unavailable = str(strategy.get("rollingUpdate", {}).get("maxUnavailable", "25%"))
+        if unavailable not in ("100%", str(replicas)):
+            problems.append(
+                f"{where}: rollingUpdate.maxUnavailable must be 100% (only the leader is ever "
+                "Ready, so a rollout waiting for Ready pods would never replace it)"
+            )
+    if _has_pdb(objects, labels):
+        problems.append(
+            f"{where}: no PodDisruptionBudget for the admins (the standby is never Ready, so a "
+            "budget would forbid evicting the leader)"
+        )
     return problems
 
 
@@ -192,14 +270,6 @@ def _check_model_server(
 ) -> list[str]:
     problems: list[str] = []
     spec = obj["spec"]["template"]["spec"]
-    advertise = next((a for a in container.get("args", []) if "--advertise_host" in a), "")
-    pod_ip = [
-        v["name"]
-        for v in container.get("env", [])
-        if v.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "status.podIP"
-    ]
-    if not pod_ip or advertise != f"--advertise_host=$({pod_ip[0]})":
-        problems.append(f"{where}: pass --advertise_host=$(POD_IP) with POD_IP from status.podIP")
     pre_stop = container.get("lifecycle", {}).get("preStop")
     if not pre_stop:
         problems.append(f"{where}: no preStop hook")

@@ -358,3 +358,66 @@ async def _until(predicate, timeout: float = 10.0) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"condition not met within {timeout} s")
+
+
+class GatedStore(FlakyStore):
+    """A store whose compare_and_swap waits for `go` while `gated` is set (a slow storage call
+    that outlives the caller's wait)."""
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner)
+        self.gated = False
+        self.entered = threading.Event()
+        self.go = threading.Event()
+
+    def compare_and_swap(self, path: str, expected: bytes | None, data: bytes) -> bool:
+        if self.gated:
+            self.entered.set()
+            self.go.wait(30)
+        return super().compare_and_swap(path, expected, data)
+
+
+def test_standby_stopped_while_taking_the_lease_gives_it_back(tmp_path) -> None:
+    """stop() cancels a standby while its storage thread is writing the lease; the write then
+    succeeds: stop() still releases the lease, so a third admin does not wait it out."""
+
+    def config() -> AdminConfig:
+        return AdminConfig(
+            sax_cell="/sax/test",
+            sax_root=str(tmp_path),
+            port=0,
+            host="127.0.0.1",
+            adopt_grace_s=0.0,
+            standby_poll_s=0.05,
+        )
+
+    async def body() -> None:
+        store = LocalStore(tmp_path)
+        cell = parse_cell("/sax/test")
+        cell_layout.create_cell(store, cell)
+        lease_path = cell_layout.cell_dir(cell) + "/lease"
+        first = AdminServer(config())
+        await first.start()
+        second = AdminServer(config())
+        gated = GatedStore(second._store)
+        second._store = gated  # type: ignore[assignment]
+        await second.start()
+        stopping: asyncio.Task[None] | None = None
+        try:
+            assert first.is_leader and not second.is_leader
+            gated.gated = True
+            await first.stop(0)  # releases the lease: the standby's write now hangs
+            assert await asyncio.to_thread(gated.entered.wait, 30)
+            stopping = asyncio.create_task(second.stop(0))
+            await _until(lambda: second._run_task is not None and second._run_task.done(), 30)
+            gated.go.set()  # the write the standby no longer waits for goes through
+            await asyncio.wait_for(stopping, 30)
+            assert not second.is_leader
+            record = LeaseRecord.from_bytes(store.read(lease_path) or b"")
+            assert record.holder == "" and record.fencing == 2  # taken, then given back
+        finally:
+            gated.go.set()
+            await asyncio.wait_for(first.stop(0), 30)
+            await asyncio.wait_for(stopping or second.stop(0), 30)
+
+    asyncio.run(body())

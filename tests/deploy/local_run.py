@@ -1,7 +1,8 @@
 """Runs the images' and the compose services' command lines outside Docker, on 127.0.0.1.
 
 `localize` turns a container's command line into one for this machine: the same entry point and
-flags, with this Python, port 0 (or a given port) and 127.0.0.1 for --host and --advertise_host.
+flags, with this Python, port 0 (or a given port), a free --metrics_port (0 would turn metrics
+off) and 127.0.0.1 for --host and --advertise_host.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,9 +24,17 @@ BIN = Path(sys.executable).parent
 T = TypeVar("T")
 
 
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def localize(argv: list[str], port: int = 0) -> list[str]:
     """The command line on this machine: python is this interpreter, saxutil the one beside it,
-    --port is `port` and the servers listen and advertise 127.0.0.1."""
+    --port is `port`, a set --metrics_port a free port, and the servers listen and advertise
+    127.0.0.1."""
     out = list(argv)
     if os.path.basename(out[0]).startswith("python"):
         out[0] = sys.executable
@@ -33,6 +43,8 @@ def localize(argv: list[str], port: int = 0) -> list[str]:
     for i, arg in enumerate(out):
         if arg.startswith("--port="):
             out[i] = f"--port={port}"
+        elif arg.startswith("--metrics_port=") and arg != "--metrics_port=0":
+            out[i] = f"--metrics_port={free_port()}"
         elif arg.startswith(("--host=", "--advertise_host=")):
             out[i] = arg.split("=", 1)[0] + "=127.0.0.1"
     if len(out) > 2 and out[1] == "-m" and not any(a.startswith("--host=") for a in out):

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -19,6 +20,7 @@ from deploy_files import (
     COMPOSE_FILES,
     DEPLOY,
     IMAGES,
+    flag,
     image_argv,
     load_compose,
     parse_dockerfile,
@@ -227,6 +229,51 @@ def test_k8s_tpu_rules_catch_mistakes(tmp_path: Path) -> None:
     assert "1 host(s) x google.com/tpu 8 is not the 4 chips of 2x2" in problems
 
 
+def test_k8s_admin_and_metrics_rules_catch_mistakes(tmp_path: Path) -> None:
+    overlay = _overlay(
+        tmp_path,
+        """
+        apiVersion: apps/v1
+        kind: Deployment
+        metadata: {name: sax-admin-server}
+        spec:
+          strategy:
+            rollingUpdate: {maxSurge: 1, maxUnavailable: 1}
+          template:
+            metadata:
+              annotations: {prometheus.io/port: "9091"}
+            spec:
+              containers:
+                - name: admin-server
+                  args: ["--sax_cell=$(SAX_CELL)", "--port=10000", "--host=0.0.0.0",
+                         "--advertise_host=sax-admin-server", "--metrics_port=9090"]
+                  livenessProbe: {grpc: {port: 10000}, tcpSocket: null}
+        """,
+    )
+    (overlay / "pdb.yaml").write_text(
+        textwrap.dedent(
+            """
+            apiVersion: policy/v1
+            kind: PodDisruptionBudget
+            metadata: {name: sax-admin-server}
+            spec:
+              maxUnavailable: 1
+              selector: {matchLabels: {app.kubernetes.io/name: sax-admin-server}}
+            """
+        )
+    )
+    text = (overlay / "kustomization.yaml").read_text()
+    (overlay / "kustomization.yaml").write_text(text.replace("]\n", ", pdb.yaml]\n", 1))
+    problems = "\n".join(check_k8s.check_overlay(overlay))
+    here = "Deployment/sax-admin-server"
+    assert f"{here}: container admin-server: livenessProbe must be a tcpSocket probe" in problems
+    assert f"{here}: rollingUpdate.maxUnavailable must be 100%" in problems
+    assert f"{here}: no PodDisruptionBudget for the admins" in problems
+    assert f"{here}: container admin-server: pass --advertise_host=$(POD_IP)" in problems
+    assert 'prometheus.io/port: "9090" (its --metrics_port)' in problems
+    assert "sax-model-server" not in problems  # the model servers' files are right
+
+
 def test_multihost_slice_has_one_pod_per_host() -> None:
     objects = check_k8s.render(DEPLOY / "k8s" / "overlays" / "tpu-v5e-16")
     kinds = {(o["kind"], o["metadata"]["name"]) for o in objects}
@@ -263,9 +310,18 @@ def _joined(admin: str) -> set[str]:
     return {s.address for s in resp.servers}
 
 
+def _metrics(argv: list[str]) -> str:
+    """The Prometheus text a server started with `argv` serves on its --metrics_port."""
+    url = f"http://127.0.0.1:{flag(argv, 'metrics_port')}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return resp.read().decode()
+
+
 def _stop_all(procs: Processes) -> None:
-    """SIGTERM to every server (admin last): each exits 0 within its grace period."""
-    for proc in sorted(procs.procs, key=lambda p: p.name.startswith("admin")):
+    """SIGTERM to every server still running (admins last): each exits 0 within its grace
+    period."""
+    running = [p for p in procs.procs if p.alive()]
+    for proc in sorted(running, key=lambda p: p.name.startswith("admin")):
         rc, took = proc.terminate()
         assert rc == 0, f"{proc.name} exited {rc} after SIGTERM:\n{proc.output()[-3000:]}"
         assert took < proc.grace_s, f"{proc.name} took {took:.1f} s (grace {proc.grace_s} s)"
@@ -273,6 +329,16 @@ def _stop_all(procs: Processes) -> None:
 
 def _server_image(proc_name: str) -> str:
     return "sax-admin-server" if proc_name == "admin" else proc_name
+
+
+# No TPU here: JAX's CPU platform, split into the 4 devices of the TPU image's 2x2 slice, stands
+# in for its chips (the JAX backend checks that it sees every device of --platform_topology).
+_STAND_INS = {
+    "sax-model-server-tpu": {
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    }
+}
 
 
 def test_image_entry_points_run_outside_docker(tmp_path: Path) -> None:
@@ -287,7 +353,7 @@ def test_image_entry_points_run_outside_docker(tmp_path: Path) -> None:
         admin_address = admin.address()
         for name, command in argv.items():
             if name != "sax-gateway" or HAS_GATEWAY:
-                procs.start(name, command)
+                procs.start(name, command, env=_STAND_INS.get(name))
         addresses = {p.name: p.address() for p in procs.procs}
         for name, address in addresses.items():
             target = _probe_target(_server_image(name), address)
@@ -309,8 +375,10 @@ def test_compose_cell_runs_outside_docker(
     name: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """The compose file's services, in order: cell-init (twice: a second run finds the cell),
-    the admin, then the model servers and the gateway; the servers become healthy, the model
-    servers join, and SIGTERM stops each within its stop_grace_period."""
+    the admin, then the standby admin, the model servers and the gateway; the leader, the model
+    servers and the gateway become healthy, the standby answers NOT_SERVING, /metrics answers
+    where --metrics_port is set, the model servers join; the leader stopped, the standby takes
+    over; SIGTERM stops each within its stop_grace_period."""
     extra: dict[str, str] = {}
     if "gcs" in name:
         emulator = request.getfixturevalue("gcs_emulator")
@@ -342,17 +410,34 @@ def test_compose_cell_runs_outside_docker(
             "admin", localize(service_argv(services["admin"])), grace("admin"), env=env("admin")
         )
         admin_address = admin.address()
+        wait_for(lambda: _healthy(admin_address), 30, "the first admin to lead")
         for service in sorted(set(services) - {"admin"}):
             argv = localize(service_argv(services[service]))
             procs.start(service, argv, grace(service), env=env(service))
         addresses = {p.name: p.address() for p in procs.procs}
+        standbys = {n for n in services if n.startswith("admin") and n != "admin"}
+        assert standbys == {"admin-2"}
         for service, address in addresses.items():
+            if service in standbys:
+                continue
             image = data["services"][service]["image"].split(":")[0]
             target = _probe_target(image, address)
             wait_for(lambda t=target: _healthy(t), 30, f"{service} healthy at {target}")
+        standby = next(p for p in procs.procs if p.name == "admin-2")
+        healthy, reason = health_probe.check(addresses["admin-2"])
+        assert not healthy and reason.endswith("NOT_SERVING"), reason
         servers = {a for n, a in addresses.items() if n.startswith("model-server")}
         assert len(servers) == 2
         wait_for(lambda: servers <= _joined(admin_address), 30, "the model servers to join")
+        scraped = {p.name: _metrics(p.argv) for p in procs.procs if flag(p.argv, "metrics_port")}
+        assert set(scraped) == {"admin", "admin-2", *(n for n in addresses if "model" in n)}
+        assert "sax_admin_is_leader 1.0" in scraped["admin"]
+        assert "sax_admin_is_leader 0.0" in scraped["admin-2"]
+        assert all("sax_model_server_" in scraped[n] for n in addresses if "model" in n)
+        rc, _ = admin.terminate()  # releases the lease: the standby takes over
+        assert rc == 0, admin.output()[-3000:]
+        wait_for(lambda: _healthy(addresses["admin-2"]), 30, "the standby admin to lead")
+        assert "sax_admin_is_leader 1.0" in _metrics(standby.argv)
         _stop_all(procs)
     except AssertionError as e:
         raise AssertionError(f"{e}\n{procs.logs()}") from None
