@@ -1,8 +1,8 @@
 # syntax=docker/dockerfile:1.7
-# A Cloud TPU model server (JAX for TPU: jax[tpu] with its pinned libtpu).
-#
-# TPU serving arrives with the JAX backend: until then this server joins the cell and advertises
-# the TPU configs that fit its slice (so placement can be planned), but loading a model fails.
+# A Cloud TPU model server (JAX for TPU: jax[tpu] with its pinned libtpu). On a TPU chip the
+# server runs Llama configs with the JAX backend (--backend=jax, the default there; docs/jax.md),
+# also over the hosts of a multi-host slice (--jax_coordinator, --jax_num_processes,
+# --jax_process_id).
 #
 # It runs as root: the TPU devices (/dev/accel*, /dev/vfio) of TPU VMs and GKE TPU nodes belong
 # to root, and the Saxml tutorial runs the server with --privileged.

@@ -274,16 +274,85 @@ def test_k8s_admin_and_metrics_rules_catch_mistakes(tmp_path: Path) -> None:
     assert "sax-model-server" not in problems  # the model servers' files are right
 
 
-def test_multihost_slice_has_one_pod_per_host() -> None:
+def test_multihost_slice_is_one_jax_server_of_one_pod_per_host() -> None:
     objects = check_k8s.render(DEPLOY / "k8s" / "overlays" / "tpu-v5e-16")
     kinds = {(o["kind"], o["metadata"]["name"]) for o in objects}
     assert ("Deployment", "sax-model-server") not in kinds
     sts = next(o for o in objects if o["kind"] == "StatefulSet")
     assert sts["spec"]["replicas"] == 4
-    assert sts["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] == {
-        "memory": "128Gi",
-        "google.com/tpu": "4",
-    }
+    container = sts["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"] == {"memory": "128Gi", "google.com/tpu": "4"}
+    args = container["args"]
+    assert "--jax_num_processes=4" in args and "--backend=jax" in args
+    # Each pod's process id is its index; process 0 answers every pod's probes.
+    for index in range(4):
+        env = check_k8s._env(container, objects, index)
+        assert check_k8s.flag(check_k8s._argv(container, env, "")[0], "jax_process_id") == str(
+            index
+        )
+        (probe,) = check_k8s._probe_commands(container["livenessProbe"]["exec"]["command"], env)
+        target = probe[-1]
+        assert target == (
+            "127.0.0.1:10001" if index == 0 else "sax-model-server-tpu-0.sax-model-server-tpu:10001"
+        )
+
+
+def test_k8s_multihost_rules_catch_mistakes(tmp_path: Path) -> None:
+    (tmp_path / "patch.yaml").write_text(
+        textwrap.dedent(
+            """
+            apiVersion: apps/v1
+            kind: StatefulSet
+            metadata: {name: sax-model-server-tpu}
+            spec:
+              replicas: 5
+              podManagementPolicy: OrderedReady
+              template:
+                metadata:
+                  annotations: {prometheus.io/scrape: "true", prometheus.io/port: "9090"}
+                spec:
+                  containers:
+                    - name: model-server
+                      args: ["--sax_cell=$(SAX_CELL)", "--port=10001", "--host=0.0.0.0",
+                             "--advertise_host=$(POD_IP)", "--platform_chip=tpuv5e",
+                             "--platform_topology=4x4", "--metrics_port=9090", "--backend=torch",
+                             "--jax_coordinator=sax-model-server-tpu-1.sax-model-server-tpu:8476",
+                             "--jax_num_processes=4", "--jax_process_id=$(TPU_WORKER_ID)",
+                             "--shutdown_grace_s=30"]
+                      env:
+                        - name: TPU_WORKER_ID
+                          valueFrom: {fieldRef: {fieldPath: metadata.name}}
+                      startupProbe: {grpc: {port: 10001}, exec: null}
+                      readinessProbe:
+                        exec: {command: [sh, -c, "exec python -m sax.health_probe 127.0.0.1:10001"]}
+                      livenessProbe: {failureThreshold: 3}
+            """
+        )
+    )
+    (tmp_path / "service.yaml").write_text(
+        "{apiVersion: v1, kind: Service, metadata: {name: sax-model-server-tpu},"
+        " spec: {publishNotReadyAddresses: null}}\n"
+    )
+    (tmp_path / "kustomization.yaml").write_text(
+        f"resources: [{DEPLOY}/k8s/base, {DEPLOY}/k8s/model-server/multihost]\n"
+        "patches: [{path: patch.yaml}, {path: service.yaml}]\n"
+    )
+    problems = "\n".join(check_k8s.check_overlay(tmp_path))
+    here = "StatefulSet/sax-model-server-tpu: container model-server"
+    assert f"{here} (multi-process): replicas 5 must equal --jax_num_processes=4" in problems
+    assert "set podManagementPolicy: Parallel" in problems
+    assert "pass --backend=jax" in problems
+    assert "pass --jax_process_id=$(JAX_PROCESS_ID)" in problems
+    assert "TPU_WORKER_ID must be the pod index" in problems
+    assert "--jax_coordinator must be pod 0's stable name sax-model-server-tpu-0." in problems
+    assert "publishNotReadyAddresses: true" in problems
+    assert "pod 4: python -m model_server" in problems  # a 5th process id does not parse
+    assert "startupProbe must be an exec probe of process 0's gRPC health" in problems
+    assert "readinessProbe on pod 1 asks 127.0.0.1:10001, not process 0's gRPC health" in problems
+    assert "readinessProbe on pod 0 asks" not in problems
+    assert "livenessProbe periodSeconds x failureThreshold (30 s) must exceed" in problems
+    assert "no prometheus.io/scrape on the pods of a multi-process server" in problems
+    assert "5 host(s) x google.com/tpu 4 is not the 16 chips of 4x4" in problems
 
 
 # ------------------------------------------------------------------- the entry points, for real
