@@ -200,6 +200,10 @@ class Leader:
         host, port = config.control_address()
         self._lock = threading.Lock()
         self._followers: list[tuple[int, socket.socket]] = []
+        # Why the channel to the followers broke ("" while it works). A broken channel cannot
+        # be mended (a restarted follower cannot rejoin a running jax.distributed job): the
+        # server reports it as NOT_SERVING so that every process gets restarted.
+        self.lost = ""
         listener = socket.create_server((host, port), reuse_port=False)
         listener.settimeout(timeout_s)
         logger.info(
@@ -227,9 +231,16 @@ class Leader:
             for _, conn in self._followers:
                 _send(conn, message)
         except OSError as e:
-            raise UnavailableError(
-                f"a follower process is gone ({e}); restart every process of this server"
-            ) from e
+            raise self._lose(e) from e
+
+    def _lose(self, e: BaseException) -> UnavailableError:
+        error = UnavailableError(
+            f"a follower process is gone ({e}); restart every process of this server"
+        )
+        if not self.lost:
+            logger.error("%s", error)
+        self.lost = str(error)
+        return error
 
     def _replies(self) -> list[str]:
         """Errors reported by followers for the last message ([] when all succeeded)."""
@@ -240,9 +251,7 @@ class Leader:
                 if "error" in reply:
                     errors.append(f"process {process}: {reply['error']}")
         except (OSError, ConnectionError, ValueError) as e:
-            raise UnavailableError(
-                f"a follower process is gone ({e}); restart every process of this server"
-            ) from e
+            raise self._lose(e) from e
         return errors
 
     def _run_then_replies(self, op: str, local: Callable[[], Any]) -> tuple[Any, list[str]]:

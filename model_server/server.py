@@ -248,8 +248,14 @@ class ModelServer:
             yield ModelSample(key, load_seconds.get(key), stats() if callable(stats) else None)
 
     def stall_reason(self, now: float | None = None) -> str:
-        """Why the server is stalled ("" when it is not): a model with requests whose engine
-        has finished no step for stall_timeout_s."""
+        """Why the server cannot make progress ("" when it can): the channel to the other
+        processes of a multi-process model broke, or a model with requests whose engine has
+        finished no step for stall_timeout_s."""
+        from model_server import multihost
+
+        leader = multihost.current_leader()
+        if leader is not None and leader.lost:
+            return f"broken: {leader.lost}"
         now = time.monotonic() if now is None else now
         limit = self.config.stall_timeout_s
         for key, _, stats in self._model_samples():

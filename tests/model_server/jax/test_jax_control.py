@@ -90,6 +90,27 @@ def test_leader_keeps_its_own_error_when_a_follower_is_gone(pool, caplog) -> Non
     leader.close()
 
 
+def test_a_lost_follower_makes_the_server_not_serving(pool, monkeypatch) -> None:
+    from model_server import multihost
+    from model_server.config import ModelServerConfig
+    from model_server.server import ModelServer
+
+    port = _free_port()
+    config = MultihostConfig("127.0.0.1:1", 2, 0, control_port=port)
+    leader_f = pool.submit(Leader, config, 30)
+    sock = _connect(dataclasses.replace(config, process_id=1), 30)
+    _send(sock, {"process_id": 1})
+    leader = leader_f.result(30)
+    monkeypatch.setattr(multihost, "_leader", leader)
+    server = ModelServer(ModelServerConfig(host="127.0.0.1", port=0))
+    assert server.stall_reason() == "" and leader.lost == ""
+    sock.close()  # the follower process dies
+    with pytest.raises(multihost.UnavailableError, match="follower process is gone"):
+        leader.step({"op": "decode", "id": 1}, lambda: None)
+    assert server.stall_reason().startswith("broken: a follower process is gone")
+    leader.close()
+
+
 def test_jax_distributed_error_is_one_line_and_exit_1(capsys) -> None:
     # JAX runs in this process already, so jax.distributed refuses to start.
     status = main(
