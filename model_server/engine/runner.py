@@ -3,10 +3,11 @@
 It owns a Llama model and its static KV cache of `num_slots` slots of `max_seq_len` positions
 (the config's INPUT_SEQ_LEN + MAX_DECODE_STEPS). Prompts are padded to the smallest bucket key
 that holds them (the config's BUCKET_KEYS, or INPUT_SEQ_LEN, then the slot length for longer
-sequences such as scored prefix + suffix), decode batches to the smallest BATCH_SIZE that holds
-them, and the attended length of a decode step to a power of two (or the slot length), so the
-device sees few distinct shapes. Padding rows of a decode batch use a scratch slot past the
-last real one.
+sequences such as scored prefix + suffix), and the attended length of a decode step to a
+multiple of SPAN_STEP (or the slot length), so the device sees few distinct shapes. Decode
+batches run at their exact size (eager torch gains nothing from padding rows), in chunks of at
+most the largest BATCH_SIZE; when a batch's slots are consecutive (the usual case: the lowest
+free slot goes first) the cache is attended in place instead of gathered.
 
 Every method runs under `torch.inference_mode` and returns float32 logits on the CPU.
 """
@@ -14,9 +15,10 @@ Every method runs under `torch.inference_mode` and returns float32 logits on the
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol
 
 import torch
@@ -27,8 +29,9 @@ from sax.errors import FailedPreconditionError, InvalidArgumentError
 
 logger = logging.getLogger(__name__)
 
-# Smallest attended length of a decode step; longer ones double up to the slot length.
-_MIN_SPAN = 64
+# Attended lengths of decode steps are multiples of this (or the slot length): attention reads
+# at most this many positions more than the batch's longest sequence.
+SPAN_STEP = 32
 
 
 class Runner(Protocol):
@@ -96,17 +99,11 @@ class TorchRunner:
         self.batch_sizes = tuple(sorted(set(config.batch_sizes)))
         keys = config.bucket_keys or (config.input_seq_len,)
         self.buckets = tuple(sorted({k for k in keys if k < self.max_seq_len} | {self.max_seq_len}))
-        spans = {self.max_seq_len}
-        span = _MIN_SPAN
-        while span < self.max_seq_len:
-            spans.add(span)
-            span *= 2
-        self.spans = tuple(sorted(spans))
+        self.spans = (*range(SPAN_STEP, self.max_seq_len, SPAN_STEP), self.max_seq_len)
         self._model: LlamaForCausalLM | None = model
-        self._scratch = num_slots  # the extra slot that padding rows write to
         self._lock = threading.Lock()
         with torch.inference_mode():
-            model.allocate_cache(num_slots + 1, self.max_seq_len)
+            model.allocate_cache(num_slots, self.max_seq_len)
         self._input_device = model.devices[0]
 
     def _live(self) -> LlamaForCausalLM:
@@ -191,18 +188,16 @@ class TorchRunner:
         tokens: Sequence[int],
         positions: Sequence[int],
     ) -> torch.Tensor:
-        n = len(slots)
-        size = _smallest_at_least(self.batch_sizes, n)
-        assert size is not None
-        pad = size - n
         span = _smallest_at_least(self.spans, max(positions) + 1)
         assert span is not None
         device = self._input_device
-        ids = torch.tensor([*tokens, *([0] * pad)], dtype=torch.long).to(device)
-        rows = torch.tensor([*slots, *([self._scratch] * pad)], dtype=torch.long).to(device)
-        pos = torch.tensor([*positions, *([0] * pad)], dtype=torch.long).to(device)
-        hidden = model.decode(ids, rows, pos, span)  # [size, D]
-        return model.logits(hidden[:n]).cpu()
+        ids = torch.tensor(tokens, dtype=torch.long).to(device)
+        rows = torch.tensor(slots, dtype=torch.long).to(device)
+        pos = torch.tensor(positions, dtype=torch.long).to(device)
+        first = slots[0]
+        consecutive = all(s == first + i for i, s in enumerate(slots))
+        hidden = model.decode(ids, rows, pos, span, first if consecutive else None)  # [B, D]
+        return model.logits(hidden).cpu()
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         self._check_slot(src)
@@ -227,6 +222,23 @@ class TorchRunner:
         logger.info("runner closed")
 
 
+@contextlib.contextmanager
+def _one_cpu_thread() -> Iterator[None]:
+    """Runs the block's CPU ops on the calling thread alone.
+
+    Under OpenMP every thread that runs parallel torch ops keeps its own team of worker
+    threads; once a process has more of them than cores (the loading thread's team plus the
+    engine thread's), libgomp cuts how long idle workers spin before sleeping, and every
+    parallel op then pays a wake-up: batch-1 decode took 45 ms instead of 30 ms. Loading is
+    memory-bound and loses little on one thread, so only the engine thread keeps a team."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def build_runner(
     config: LlamaConfig,
     tensors: Iterable[tuple[str, torch.Tensor]],
@@ -244,9 +256,9 @@ def build_runner(
     if slots <= 0:
         raise InvalidArgumentError(f"num_slots must be positive, got {slots}")
     devices = resolve_devices(config, device)
-    with torch.no_grad():
+    with torch.no_grad(), _one_cpu_thread():
         model = build_model(config, tensors, devices)
-    runner = TorchRunner(config, model, slots)
+        runner = TorchRunner(config, model, slots)
     logger.info(
         "runner ready: %d layers on %s, %d slots x %d positions, batch sizes %s, buckets %s",
         config.num_layers,

@@ -21,6 +21,7 @@ from model_server.engine.engine import Engine, EngineStats, ModelRunner
 from model_server.engine.request import Request, RequestKind, RequestOutput, SampleOptions
 from model_server.engine.tokenizer import Tokenizer
 from model_server.params.base import ServableConfig
+from model_server.params.llama import IGNORE_EOS
 from model_server.servable import SamplingParams, StreamItem
 from sax.errors import CancelledError, InvalidArgumentError
 
@@ -32,6 +33,13 @@ _TRUNCATE_HINT = ", or publish the model with TRUNCATE_PROMPT=true to keep the p
 
 def _stopped_reading() -> CancelledError:
     return CancelledError("the caller stopped reading the request's outputs")
+
+
+def _flag(value: object, name: str) -> bool:
+    """A 0/1 scalar extra input as a bool; INVALID_ARGUMENT for anything else."""
+    if isinstance(value, float) and value in (0.0, 1.0):
+        return value == 1.0
+    raise InvalidArgumentError(f"extra input {name!r} must be 0 or 1, got {value!r}")
 
 
 def _stream_items(output: RequestOutput) -> list[StreamItem]:
@@ -158,6 +166,7 @@ class EngineServable:
             stop=params.stop,
             deadline=params.deadline,
             cancel=params.cancel,
+            ignore_eos=_flag(params.values.get(IGNORE_EOS, 0.0), IGNORE_EOS),
         )
 
     def _score_request(

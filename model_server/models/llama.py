@@ -15,6 +15,13 @@ the step functions can be compiled later.
 With several devices (a multi-GPU mesh) the layers are split into contiguous groups, one per
 device (pipeline placement); the embeddings live on the first, the final norm and the output
 projection on the last.
+
+After loading, each layer's projections are fused for speed (`LlamaForCausalLM.fuse`): Q, K and
+V into one matrix, the MLP's gate and up into another (the per-projection parameters become
+views of them). With `quantization="int8"` the layers' linear weights are quantized as they
+stream in: int8 values with one scale per output channel (symmetric, amax / 127), multiplied
+by `torch.ops.aten._weight_int8pack_mm` on bfloat16 activations for a few rows (decode), or
+dequantized on the fly for many (prefill).
 """
 
 from __future__ import annotations
@@ -33,8 +40,67 @@ from sax.errors import FailedPreconditionError
 logger = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Rows up to which an int8 weight is multiplied by the int8 kernel; more are dequantized first.
+_INT8_KERNEL_MAX_ROWS = 32
+_HAS_INT8_KERNEL = hasattr(torch.ops.aten, "_weight_int8pack_mm")
 # Checkpoint tensors that are not parameters here (recomputed buffers).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class Int8Weight:
+    """A linear weight [N, K] as int8 values and one float32 scale per output row."""
+
+    def __init__(self, values: torch.Tensor, scales: torch.Tensor) -> None:
+        self.values = values  # [N, K] int8
+        self.scales = scales  # [N] float32
+        self._scales_bf16 = scales.to(torch.bfloat16)
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor) -> Int8Weight:
+        """Symmetric per-output-channel quantization of a float weight [N, K]."""
+        w = weight.float()
+        scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # [N]
+        values = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        return cls(values, scales)
+
+    @classmethod
+    def cat(cls, parts: Sequence[Int8Weight]) -> Int8Weight:
+        """The weights stacked along the output rows."""
+        return cls(torch.cat([p.values for p in parts]), torch.cat([p.scales for p in parts]))
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.values.to(dtype) * self.scales.to(dtype)[:, None]
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] -> [..., N] in x's dtype."""
+        rows = x.reshape(-1, x.shape[-1])  # [M, K]
+        if _HAS_INT8_KERNEL and x.device.type == "cpu" and rows.shape[0] <= _INT8_KERNEL_MAX_ROWS:
+            out = torch.ops.aten._weight_int8pack_mm(
+                rows.to(torch.bfloat16), self.values, self._scales_bf16
+            ).to(x.dtype)
+        else:
+            out = functional.linear(rows, self.dequantize(x.dtype))
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def nbytes(self) -> int:
+        return self.values.numel() + self.scales.numel() * self.scales.element_size()
+
+
+# A layer's linear weight as served: a float tensor [N, K] or its int8 form.
+Weight = torch.Tensor | Int8Weight
+
+
+def _linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
+    if isinstance(weight, torch.Tensor):
+        return functional.linear(x, weight)
+    return weight.linear(x)
+
+
+def _fuse(parts: Sequence[Weight]) -> Weight:
+    """Linear weights stacked along their output rows (all float or all int8)."""
+    if all(isinstance(p, Int8Weight) for p in parts):
+        return Int8Weight.cat(cast(Sequence[Int8Weight], parts))
+    return torch.cat(cast(Sequence[torch.Tensor], parts))
 
 
 def rope_tables(head_dim: int, theta: float, length: int, device: torch.device) -> torch.Tensor:
@@ -66,6 +132,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused op
+            return functional.rms_norm(x, self.weight.shape, self.weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
@@ -80,8 +148,15 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
+        # Set by `LlamaForCausalLM.fuse`: [gate; up] and down as served (float or int8).
+        self.gate_up: Weight | None = None
+        self.down: Weight | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is None or self.down is None:
+            return self.down_proj(functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = _linear(x, self.gate_up).chunk(2, dim=-1)
+        return _linear(functional.silu(gate) * up, self.down)
 
 
 class Attention(nn.Module):
@@ -99,21 +174,35 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * hd, dim, bias=False)
         self.k_cache: torch.Tensor | None = None  # [S, KV, L, hd]
         self.v_cache: torch.Tensor | None = None
+        # Set by `LlamaForCausalLM.fuse`: [q; k; v] and o as served (float or int8).
+        self.qkv: Weight | None = None
+        self.o: Weight | None = None
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, D] -> [q; k; v] [B, T, (H + 2 KV) * hd]."""
+        if self.qkv is None:
+            return torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), dim=-1)
+        return _linear(x, self.qkv)
 
     def _qkv(
         self, x: torch.Tensor, rope: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, T, D], rope [2, B or 1, T, hd] -> q [B, H, T, hd], k and v [B, KV, T, hd]."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rope[0].unsqueeze(1), rope[1].unsqueeze(1)  # [B or 1, 1, T, hd]
-        return _apply_rope(q, cos, sin), _apply_rope(k, cos, sin), v
+        h, kv = self.num_heads, self.num_kv_heads
+        qkv = self._project(x).view(b, t, h + 2 * kv, self.head_dim)
+        cos, sin = rope[0].unsqueeze(2), rope[1].unsqueeze(2)  # [B or 1, T, 1, hd]
+        qk = _apply_rope(qkv[:, :, : h + kv], cos, sin)  # q and k heads rotated at once
+        q = qk[:, :, :h].transpose(1, 2)
+        k = qk[:, :, h:].transpose(1, 2)
+        return q, k, qkv[:, :, h + kv :].transpose(1, 2)
+
+    def _o(self, x: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(x) if self.o is None else _linear(x, self.o)
 
     def _out(self, attn: torch.Tensor) -> torch.Tensor:
         b, _, t, _ = attn.shape  # [B, H, T, hd]
-        return self.o_proj(attn.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+        return self._o(attn.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         """Cache-free causal attention: x [B, T, D] -> [B, T, D]."""
@@ -140,18 +229,29 @@ class Attention(nn.Module):
         x: torch.Tensor,
         rope: torch.Tensor,
         slots: torch.Tensor,
-        positions: torch.Tensor,
+        kv_rows: torch.Tensor,
         mask: torch.Tensor,
+        first_slot: int | None = None,
     ) -> torch.Tensor:
-        """x [B, 1, D], token i at positions[i] of slots[i]; mask [B, 1, 1, A] marks the
-        attended positions [0, A) of each slot. Writes the new K/V, returns [B, 1, D]."""
+        """x [B, 1, D], token i at some position of slots[i]; kv_rows [B * KV] are the rows of
+        the cache seen as [S * KV * L, hd] that the new K/V go to (`_kv_rows`); mask
+        [B, 1, 1, A] marks the attended positions [0, A) of each slot. Returns [B, 1, D].
+
+        first_slot: set when slots are first_slot, first_slot + 1, ... in order; the cache is
+        then attended in place instead of gathered."""
         assert self.k_cache is not None and self.v_cache is not None
         q, k, v = self._qkv(x, rope)  # [B, H, 1, hd], [B, KV, 1, hd]
-        self.k_cache[slots, :, positions] = k[:, :, 0]
-        self.v_cache[slots, :, positions] = v[:, :, 0]
+        hd = self.head_dim
+        self.k_cache.view(-1, hd).index_copy_(0, kv_rows, k[:, :, 0].reshape(-1, hd))
+        self.v_cache.view(-1, hd).index_copy_(0, kv_rows, v[:, :, 0].reshape(-1, hd))
         span = mask.shape[-1]
-        keys = self.k_cache[:, :, :span].index_select(0, slots)  # [B, KV, A, hd]
-        values = self.v_cache[:, :, :span].index_select(0, slots)
+        if first_slot is not None:
+            rows = slice(first_slot, first_slot + x.shape[0])
+            keys = self.k_cache[rows, :, :span]  # [B, KV, A, hd], a view
+            values = self.v_cache[rows, :, :span]
+        else:
+            keys = self.k_cache[:, :, :span].index_select(0, slots)  # [B, KV, A, hd]
+            values = self.v_cache[:, :, :span].index_select(0, slots)
         b = x.shape[0]
         group = self.num_heads // self.num_kv_heads
         # Query heads of one KV head become its query rows: no K/V repetition.
@@ -159,7 +259,7 @@ class Attention(nn.Module):
         attn = functional.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask
         )  # [B, KV, G, hd]
-        return self.o_proj(attn.reshape(b, 1, self.num_heads * self.head_dim))
+        return self._o(attn.reshape(b, 1, self.num_heads * self.head_dim))
 
 
 class DecoderLayer(nn.Module):
@@ -186,10 +286,11 @@ class DecoderLayer(nn.Module):
         x: torch.Tensor,
         rope: torch.Tensor,
         slots: torch.Tensor,
-        positions: torch.Tensor,
+        kv_rows: torch.Tensor,
         mask: torch.Tensor,
+        first_slot: int | None = None,
     ) -> torch.Tensor:
-        h = self.self_attn.decode(self.input_layernorm(x), rope, slots, positions, mask)
+        h = self.self_attn.decode(self.input_layernorm(x), rope, slots, kv_rows, mask, first_slot)
         return self._mlp(x + h)
 
 
@@ -249,6 +350,39 @@ class LlamaForCausalLM(nn.Module):
         if name.startswith("model.embed_tokens."):
             return self.devices[0]
         return self.devices[-1]
+
+    # Serving weights.
+
+    def fuse(self, quantized: dict[str, Int8Weight] | None = None) -> None:
+        """Builds each layer's fused projections ([q; k; v], [gate; up]) from its weights, or
+        from `quantized` (canonical name -> int8 weight) for the weights it holds. Float
+        per-projection parameters become views of the fused matrices (no second copy)."""
+        quantized = quantized or {}
+
+        def served(module: nn.Linear, name: str) -> Weight:
+            # A plain tensor (detached), not a Parameter: not registered on the module.
+            return quantized.get(name) or module.weight.detach()
+
+        for i, layer in enumerate(self.decoder_layers):
+            prefix = f"model.layers.{i}."
+            attn, mlp = layer.self_attn, layer.mlp
+
+            qkv_mods = {"q_proj": attn.q_proj, "k_proj": attn.k_proj, "v_proj": attn.v_proj}
+            parts = [served(m, f"{prefix}self_attn.{n}.weight") for n, m in qkv_mods.items()]
+            attn.qkv = _fuse(parts)
+            attn.o = served(attn.o_proj, f"{prefix}self_attn.o_proj.weight")
+            mlp_mods = {"gate_proj": mlp.gate_proj, "up_proj": mlp.up_proj}
+            parts = [served(m, f"{prefix}mlp.{n}.weight") for n, m in mlp_mods.items()]
+            mlp.gate_up = _fuse(parts)
+            mlp.down = served(mlp.down_proj, f"{prefix}mlp.down_proj.weight")
+            for modules, fused in ((qkv_mods, attn.qkv), (mlp_mods, mlp.gate_up)):
+                if isinstance(fused, torch.Tensor):
+                    start = 0
+                    for module in modules.values():
+                        rows = module.weight.shape[0]
+                        view = fused[start : start + rows]
+                        module.weight = nn.Parameter(view, requires_grad=False)
+                        start += rows
 
     # KV cache.
 
@@ -314,14 +448,31 @@ class LlamaForCausalLM(nn.Module):
             x = layer.prefill(x.to(device), rope, per_device.on(device)["slot"])
         return self.model.norm(x.to(self.devices[-1]))[0]
 
+    def _kv_rows(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rows of a layer's cache seen as [S * KV * L, hd] holding (slot, kv head, position),
+        for each row's slot and position and every KV head: [B * KV], row-major (b, kv)."""
+        kv = self.config.num_kv_heads
+        heads = torch.arange(kv, device=slots.device)
+        rows = (slots[:, None] * kv + heads[None, :]) * self.slot_len + positions[:, None]
+        return rows.flatten()
+
     def decode(
-        self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, span: int
+        self,
+        tokens: torch.Tensor,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        span: int,
+        first_slot: int | None = None,
     ) -> torch.Tensor:
         """One token per row: tokens, slots, positions [B] (int64); each row attends to its
-        slot's positions <= its own, all of them < span. -> final hidden states [B, D]."""
+        slot's positions <= its own, all of them < span. first_slot: set when slots are
+        consecutive from it (the cache is attended in place). -> final hidden states [B, D]."""
         x = self.model.embed_tokens(tokens.to(self.devices[0]))[:, None]  # [B, 1, D]
         mask = torch.arange(span, device=positions.device)[None, :] <= positions[:, None]
-        per_device = _PerDevice(slots=slots, positions=positions, mask=mask[:, None, None, :])
+        kv_rows = self._kv_rows(slots, positions)
+        per_device = _PerDevice(
+            slots=slots, positions=positions, kv_rows=kv_rows, mask=mask[:, None, None, :]
+        )
         rope: dict[torch.device, torch.Tensor] = {}
         for i, layer in enumerate(self.decoder_layers):
             device = self.layer_device(i)
@@ -330,16 +481,20 @@ class LlamaForCausalLM(nn.Module):
                 table = self._rope[device].index_select(1, step["positions"])  # [2, B, hd]
                 rope[device] = table[:, :, None]  # [2, B, 1, hd]
             x = layer.decode(
-                x.to(device), rope[device], step["slots"], step["positions"], step["mask"]
+                x.to(device),
+                rope[device],
+                step["slots"],
+                step["kv_rows"],
+                step["mask"],
+                first_slot,
             )
         return self.model.norm(x.to(self.devices[-1]))[:, 0]
 
 
 def _check_config(config: LlamaConfig) -> None:
-    if config.quantization != "none":
+    if config.quantization not in ("none", "int8"):
         raise FailedPreconditionError(
-            f"the torch engine serves unquantized weights only, not {config.quantization!r}; "
-            'publish with QUANTIZATION="none"'
+            f"the torch engine serves QUANTIZATION none or int8, not {config.quantization!r}"
         )
 
 
@@ -358,15 +513,26 @@ def build_model(
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model.devices = [torch.device(d) for d in devices]
-    load_weights(model, tensors, TORCH_DTYPES[config.dtype])
+    quantized: dict[str, Int8Weight] | None = {} if config.quantization == "int8" else None
+    load_weights(model, tensors, TORCH_DTYPES[config.dtype], quantized)
+    model.fuse(quantized)
     model.eval()
     return model
 
 
+def _is_layer_linear(name: str, tensor: torch.Tensor) -> bool:
+    return name.startswith("model.layers.") and name.endswith("_proj.weight") and tensor.dim() == 2
+
+
 def load_weights(
-    model: LlamaForCausalLM, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype
+    model: LlamaForCausalLM,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    dtype: torch.dtype,
+    quantized: dict[str, Int8Weight] | None = None,
 ) -> None:
-    """Places each tensor on its device in dtype as it arrives, replacing the meta parameters."""
+    """Places each tensor on its device in dtype as it arrives, replacing the meta parameters.
+    With `quantized` (a dict to fill), the layers' linear weights are quantized to int8 as they
+    arrive and kept there instead (their parameters become None)."""
     tied = model.config.tie_embeddings
     params = dict(model.named_parameters())
     if tied:
@@ -388,9 +554,15 @@ def load_weights(
             )
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name)
-        value = tensor.detach().to(device=model.param_device(name), dtype=dtype)
-        module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+        device = model.param_device(name)
         loaded.add(name)
+        if quantized is not None and _is_layer_linear(name, tensor):
+            q = Int8Weight.quantize(tensor.detach().to(device))
+            quantized[name] = Int8Weight(q.values, q.scales.to(dtype).float())
+            module._parameters[leaf] = None
+            continue
+        value = tensor.detach().to(device=device, dtype=dtype)
+        module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
     missing = sorted(set(params) - loaded)
     if missing:
         shown = ", ".join(missing[:5]) + (

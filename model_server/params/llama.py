@@ -24,6 +24,8 @@ from sax.errors import InvalidArgumentError
 
 # The extra input holding the stop string (or a JSON list of stop strings).
 STOP = "stop"
+# The extra input that makes end-of-sequence tokens not end a sample (non-zero: ignore them).
+IGNORE_EOS = "ignore_eos"
 
 _BASE_ALIASES = dict(ServableConfig.OVERRIDE_ALIASES)
 
@@ -36,7 +38,8 @@ def _extra_inputs(
     temperature: 0 is greedy. top_k: keep the k most likely tokens, 0 keeps all. top_p: nucleus
     mass, 1.0 keeps all. repetition_penalty: 1.0 is none. per_example_max_decode_steps: capped by
     MAX_DECODE_STEPS. seed: 0 draws a fresh seed per request. stop: a stop string, or a JSON list
-    of them; "" is none.
+    of them; "" is none. ignore_eos: non-zero keeps generating past end-of-sequence tokens (fixed
+    output lengths, as benchmarks use).
     """
     return types.MappingProxyType(
         {
@@ -47,6 +50,7 @@ def _extra_inputs(
             "per_example_max_decode_steps": float(max_decode_steps),
             "seed": 0.0,
             STOP: "",
+            IGNORE_EOS: 0.0,
         }
     )
 

@@ -26,7 +26,7 @@ CONFIG = LlamaConfig(
     batch_sizes=(1, 2, 4),
     bucket_keys=(8, 16),
     input_seq_len=24,
-    max_decode_steps=76,  # slot length 100: decode spans 64 and 100
+    max_decode_steps=76,  # slot length 100: decode spans 32, 64, 96 and 100
 )
 ATOL = 1e-5
 
@@ -77,7 +77,7 @@ def full_forward(runner: TorchRunner, tokens: list[int]) -> torch.Tensor:
 def test_shapes_and_padding_tables(runner: TorchRunner) -> None:
     assert (runner.num_slots, runner.max_seq_len, runner.vocab_size) == (5, 100, 101)
     assert runner.buckets == (8, 16, 100)  # BUCKET_KEYS, then the slot length
-    assert runner.spans == (64, 100)
+    assert runner.spans == (32, 64, 96, 100)
     assert runner.bucket(1) == 8 and runner.bucket(9) == 16 and runner.bucket(17) == 100
 
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from model_server.models.llama import LlamaForCausalLM, build_model
+from model_server.models.llama import LlamaForCausalLM, build_model, load_weights
 from model_server.params.llama import LlamaConfig
 from sax.errors import FailedPreconditionError
 
@@ -116,7 +116,10 @@ def _stream(state: dict[str, torch.Tensor], seen: list[str]) -> Iterator[tuple[s
 def test_weights_are_placed_as_they_stream_without_copies() -> None:
     state = {k: v.clone() for k, v in hf_model(TINY).state_dict().items()}
     seen: list[str] = []
-    model = build_model(TINY, _stream(state, seen))
+    with torch.device("meta"):
+        model = LlamaForCausalLM(TINY)
+    model.devices = [torch.device("cpu")]
+    load_weights(model, _stream(state, seen), torch.float32)  # before fusing and packing
     assert seen == list(state)
     assert not any(p.is_meta for p in model.parameters())
     assert not any(p.requires_grad for p in model.parameters())
@@ -151,9 +154,9 @@ def test_bad_checkpoints_are_refused_with_the_tensor_name() -> None:
     small = dataclasses.replace(TINY, hidden_dim=32)
     with pytest.raises(FailedPreconditionError, match=r"gate_proj.weight.*shape \[96, 64\]"):
         build_model(small, state.items())
-    int8 = dataclasses.replace(TINY, quantization="int8")
+    int4 = dataclasses.replace(TINY, quantization="int4")
     with pytest.raises(FailedPreconditionError, match="QUANTIZATION"):
-        build_model(int8, state.items())
+        build_model(int4, state.items())
 
 
 def test_rotary_inv_freq_buffers_are_ignored() -> None:

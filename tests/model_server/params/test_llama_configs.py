@@ -32,6 +32,7 @@ EXTRA_INPUT_KEYS = {
     "per_example_max_decode_steps",
     "seed",
     "stop",
+    "ignore_eos",
 }
 
 
