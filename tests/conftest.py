@@ -20,6 +20,12 @@ import pytest
 
 EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
 
+# The suite runs several torch processes (this one, model servers, baselines) on few cores:
+# OpenMP's default spin-waiting then collapses (a decode step 10x slower while another process
+# holds the cores). Passive waiting, set before torch loads and inherited by the processes the
+# tests start, keeps them fair to each other. Servers in production keep the default.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 @dataclass(frozen=True)
 class GcsEmulator:
@@ -148,3 +154,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     from tests.faults import report
 
     report.write()
+
+
+@pytest.fixture(autouse=True)
+def _sax_root_flag_does_not_leak() -> Iterator[None]:
+    """`saxutil --sax_root` run in process sets the client's sax_root for the process; a later
+    test must find the one in its own $SAX_ROOT."""
+    from sax import admin_conn
+
+    yield
+    admin_conn.set_sax_root(None)
