@@ -158,9 +158,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 @pytest.fixture(autouse=True)
 def _sax_root_flag_does_not_leak() -> Iterator[None]:
-    """`saxutil --sax_root` run in process sets the client's sax_root for the process; a later
-    test must find the one in its own $SAX_ROOT."""
+    """`saxutil --sax_root` run in process sets the client's sax_root for the process: a test
+    leaves it as it found it (a wider-scoped fixture may have set it for its tests)."""
     from sax import admin_conn
 
+    before = admin_conn._sax_root_override
     yield
-    admin_conn.set_sax_root(None)
+    admin_conn.set_sax_root(before)
