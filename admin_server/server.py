@@ -304,9 +304,7 @@ class AdminServer:
         await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await manager.notify_watchers()  # open WatchLoc streams end with UNAVAILABLE
         if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+            await _cancel_and_wait(self._loop_task, "the control loop")
             self._loop_task = None
         await manager.close()
         self.state, self.manager = None, None
@@ -316,9 +314,7 @@ class AdminServer:
         record stays: clients retry until the next leader rewrites it."""
         await self._health.enter_graceful_shutdown()
         if self._run_task is not None:
-            self._run_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._run_task
+            await _cancel_and_wait(self._run_task, "the leader loop")
         # An acquisition cut short may still take the lease, and a renewal still in flight would
         # make the release's compare-and-swap miss: wait for either (bounded: a call started
         # more than lease_s ago grants nothing anyway).
@@ -336,3 +332,14 @@ class AdminServer:
         if self._server is not None:
             await self._server.stop(grace_s)
         logger.info("admin server of %s stopped", self._cell)
+
+
+async def _cancel_and_wait(task: asyncio.Task[Any], what: str, timeout_s: float = 5.0) -> None:
+    """Cancels `task` and waits for it to end, at most timeout_s: stopping never hangs on a
+    task stuck in a call that ignores cancellation (it is logged and left behind)."""
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    if not done:
+        logger.error("%s did not stop within %.0f s of being cancelled", what, timeout_s)
+    elif not task.cancelled() and task.exception() is not None:
+        logger.warning("%s ended with %r", what, task.exception())
