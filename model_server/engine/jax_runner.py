@@ -44,6 +44,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from model_server.checkpoint import Checkpoint, natural_key, open_files, read_safetensors_header
+from model_server.engine.runner import RunnerChecks, smallest_at_least
 from model_server.models import jax_llama
 from model_server.params.llama import LlamaConfig
 from sax.errors import FailedPreconditionError, InvalidArgumentError
@@ -284,14 +285,7 @@ def load_params(
 # ---------------------------------------------------------------------------- runner
 
 
-def _smallest_at_least(sorted_values: Sequence[int], n: int) -> int | None:
-    for v in sorted_values:
-        if v >= n:
-            return v
-    return None
-
-
-class JaxRunner:
+class JaxRunner(RunnerChecks):
     """A `Runner` over `jax_llama` on a mesh. Calls are serialized by a lock."""
 
     def __init__(
@@ -367,30 +361,6 @@ class JaxRunner:
                 return local()
             return self._leader.step({**message, "id": self._id}, local)
 
-    # Checks (the same as the torch runner's).
-
-    def _check_slot(self, slot: int) -> None:
-        if not 0 <= slot < self.num_slots:
-            raise InvalidArgumentError(f"slot {slot} is outside [0, {self.num_slots})")
-
-    def _check_tokens(self, tokens: Sequence[int]) -> None:
-        bad = [t for t in tokens if not 0 <= t < self.vocab_size]
-        if bad:
-            raise InvalidArgumentError(
-                f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})"
-            )
-
-    def bucket(self, length: int) -> int:
-        """The padded prefill length of a prompt of `length` tokens; INVALID_ARGUMENT if none."""
-        padded = _smallest_at_least(self.buckets, length)
-        if padded is None:
-            raise InvalidArgumentError(
-                f"the sequence is {length} tokens, more than the {self.max_seq_len} positions of "
-                "a KV cache slot (INPUT_SEQ_LEN + MAX_DECODE_STEPS); shorten it or publish the "
-                "model with a larger INPUT_SEQ_LEN"
-            )
-        return padded
-
     # Runner protocol.
 
     def prefill(self, slot: int, tokens: Sequence[int], *, all_logits: bool = True) -> torch.Tensor:
@@ -454,7 +424,7 @@ class JaxRunner:
         self, slots: list[int], tokens: list[int], positions: list[int]
     ) -> torch.Tensor:
         n = len(slots)
-        size = _smallest_at_least(self.batch_sizes, n)
+        size = smallest_at_least(self.batch_sizes, n)
         assert size is not None
         pad = size - n
         ids = np.array([*tokens, *([0] * pad)], np.int32)

@@ -66,7 +66,7 @@ class Runner(Protocol):
         ...
 
 
-def _smallest_at_least(sorted_values: Sequence[int], n: int) -> int | None:
+def smallest_at_least(sorted_values: Sequence[int], n: int) -> int | None:
     i = bisect.bisect_left(sorted_values, n)
     return sorted_values[i] if i < len(sorted_values) else None
 
@@ -88,7 +88,39 @@ def resolve_devices(config: LlamaConfig, device: str | torch.device) -> list[tor
     return [torch.device("cuda", first + i) for i in range(n)]
 
 
-class TorchRunner:
+class RunnerChecks:
+    """Argument checks shared by the runners (torch and JAX): slots, token ids, buckets."""
+
+    num_slots: int
+    max_seq_len: int
+    vocab_size: int
+    # Prefill lengths, ascending.
+    buckets: tuple[int, ...]
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots:
+            raise InvalidArgumentError(f"slot {slot} is outside [0, {self.num_slots})")
+
+    def _check_tokens(self, tokens: Sequence[int]) -> None:
+        bad = [t for t in tokens if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidArgumentError(
+                f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})"
+            )
+
+    def bucket(self, length: int) -> int:
+        """The padded prefill length of a prompt of `length` tokens; INVALID_ARGUMENT if none."""
+        padded = smallest_at_least(self.buckets, length)
+        if padded is None:
+            raise InvalidArgumentError(
+                f"the sequence is {length} tokens, more than the {self.max_seq_len} positions of "
+                "a KV cache slot (INPUT_SEQ_LEN + MAX_DECODE_STEPS); shorten it or publish the "
+                "model with a larger INPUT_SEQ_LEN"
+            )
+        return padded
+
+
+class TorchRunner(RunnerChecks):
     """A `Runner` over `LlamaForCausalLM`. Calls are serialized by a lock."""
 
     def __init__(self, config: LlamaConfig, model: LlamaForCausalLM, num_slots: int) -> None:
@@ -110,28 +142,6 @@ class TorchRunner:
         if self._model is None:
             raise FailedPreconditionError("the runner was closed; load the model again")
         return self._model
-
-    def _check_slot(self, slot: int) -> None:
-        if not 0 <= slot < self.num_slots:
-            raise InvalidArgumentError(f"slot {slot} is outside [0, {self.num_slots})")
-
-    def _check_tokens(self, tokens: Sequence[int]) -> None:
-        bad = [t for t in tokens if not 0 <= t < self.vocab_size]
-        if bad:
-            raise InvalidArgumentError(
-                f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})"
-            )
-
-    def bucket(self, length: int) -> int:
-        """The padded prefill length of a prompt of `length` tokens; INVALID_ARGUMENT if none."""
-        padded = _smallest_at_least(self.buckets, length)
-        if padded is None:
-            raise InvalidArgumentError(
-                f"the sequence is {length} tokens, more than the {self.max_seq_len} positions of "
-                "a KV cache slot (INPUT_SEQ_LEN + MAX_DECODE_STEPS); shorten it or publish the "
-                "model with a larger INPUT_SEQ_LEN"
-            )
-        return padded
 
     def prefill(self, slot: int, tokens: Sequence[int], *, all_logits: bool = True) -> torch.Tensor:
         n = len(tokens)
@@ -188,7 +198,7 @@ class TorchRunner:
         tokens: Sequence[int],
         positions: Sequence[int],
     ) -> torch.Tensor:
-        span = _smallest_at_least(self.spans, max(positions) + 1)
+        span = smallest_at_least(self.spans, max(positions) + 1)
         assert span is not None
         device = self._input_device
         ids = torch.tensor(tokens, dtype=torch.long).to(device)
