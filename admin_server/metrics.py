@@ -17,17 +17,13 @@ Every admin has its own `CollectorRegistry`, so several admins can run in one pr
 
 from __future__ import annotations
 
-import logging
-import threading
 from collections.abc import Iterator
 from typing import Any
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-logger = logging.getLogger(__name__)
+from sax.metrics_endpoint import MetricsEndpoint
 
 
 class _AdminCollector(Collector):
@@ -73,29 +69,10 @@ class _AdminCollector(Collector):
         )
 
 
-class AdminMetrics:
+class AdminMetrics(MetricsEndpoint):
     """The collectors of one admin server, in their own registry."""
 
     def __init__(self, admin: Any) -> None:
         """`admin`: an `AdminServer` (its `state` and `manager` are read at scrape time)."""
-        self.registry = CollectorRegistry()
+        super().__init__()
         self.registry.register(_AdminCollector(admin))
-        self._http: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
-
-    def serve(self, host: str, port: int) -> int:
-        """Serves /metrics over HTTP on host:port (port 0: any free one); returns the port."""
-        self._http, self._thread = start_http_server(port, addr=host, registry=self.registry)
-        bound = int(self._http.server_port)
-        logger.info("metrics on http://%s:%d/metrics", host, bound)
-        return bound
-
-    def close(self) -> None:
-        """Stops the HTTP endpoint (if serving)."""
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None

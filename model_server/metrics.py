@@ -25,14 +25,14 @@ Every server has its own `CollectorRegistry`, so several servers can run in one 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from sax.metrics_endpoint import MetricsEndpoint
 
 if TYPE_CHECKING:  # the engine imports torch; a TinyLM-only server never does
     from model_server.engine.engine import EngineStats
@@ -105,13 +105,13 @@ class _ModelCollector(Collector):
         yield from (load, waiting, running, used, total, tokens)
 
 
-class ModelServerMetrics:
+class ModelServerMetrics(MetricsEndpoint):
     """The collectors of one model server, in their own registry."""
 
     def __init__(self, models: ModelSource, in_flight: Callable[[], float]) -> None:
         """`models` lists the loaded models at scrape time; `in_flight` counts the LM calls
         running."""
-        self.registry = CollectorRegistry()
+        super().__init__()
         self.requests = Counter(
             "sax_model_server_requests",
             "LM calls finished, by method and gRPC status code.",
@@ -144,27 +144,8 @@ class ModelServerMetrics:
         )
         self.in_flight.set_function(in_flight)
         self.registry.register(_ModelCollector(models))
-        self._http: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
 
     def observe_call(self, method: str, code: str, seconds: float) -> None:
         """Counts one finished call and its latency."""
         self.requests.labels(method, code).inc()
         self.latency.labels(method).observe(seconds)
-
-    def serve(self, host: str, port: int) -> int:
-        """Serves /metrics over HTTP on host:port (port 0: any free one); returns the port."""
-        self._http, self._thread = start_http_server(port, addr=host, registry=self.registry)
-        bound = int(self._http.server_port)
-        logger.info("metrics on http://%s:%d/metrics", host, bound)
-        return bound
-
-    def close(self) -> None:
-        """Stops the HTTP endpoint (if serving)."""
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
