@@ -20,9 +20,9 @@ from admin_server import placement
 from admin_server.config import AdminConfig
 from admin_server.server_pool import JoinedServer, ServerPool
 from admin_server.state import PublishedState
-from model_server.params import platform
 from sax.errors import NotFoundError, SaxError
 from sax.v1 import admin_pb2, common_pb2
+from servables import platform
 
 logger = logging.getLogger(__name__)
 

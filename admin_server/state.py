@@ -27,8 +27,6 @@ from collections.abc import Callable, Mapping
 from google.protobuf import unknown_fields
 from google.protobuf.message import DecodeError
 
-from model_server.params import registry
-from model_server.params.base import ServableConfig, apply_overrides
 from sax import cell as cell_layout
 from sax.errors import (
     AlreadyExistsError,
@@ -41,6 +39,8 @@ from sax.errors import (
 from sax.naming import CellName, parse_model
 from sax.storage import Store, join
 from sax.v1 import admin_pb2
+from servables import registry
+from servables.config import ServableConfig, apply_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -290,7 +290,7 @@ class _NotLeaderError(UnavailableError):
 
 
 def _validate_overrides(model_path: str, overrides: Mapping[str, str]) -> None:
-    from model_server.servable import SamplingParams  # light: the params and sax only
+    from servables.sampling_params import SamplingParams
 
     config = registry.get(model_path)  # NOT_FOUND for an unknown config name
     config = apply_overrides(config, dict(overrides))

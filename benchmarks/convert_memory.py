@@ -1,6 +1,6 @@
 """Peak memory of the GGUF converter on SmolLM2-135M, against the acceptance bound.
 
-Runs `model_server.convert.convert("gguf", ...)` in a child process and measures its peak
+Runs `tools.convert.convert("gguf", ...)` in a child process and measures its peak
 resident memory (ru_maxrss from wait4, and the VmHWM the child reads as it exits: the larger),
 then the interpreter baseline the same way: a child that imports the same modules and does
 nothing.
@@ -29,13 +29,13 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CHILD = r"""
 import json, sys, time
 import numpy, tokenizers, gguf, gguf.quants
-import model_server.convert, model_server.convert.gguf, model_server.convert.gguf_file
-import model_server.convert.common, model_server.convert.tokenizer
+import tools.convert, tools.convert.gguf, tools.convert.gguf_file
+import tools.convert.checkpoint_writer, tools.convert.tokenizer_files
 src, dst, dtype = sys.argv[1], sys.argv[2], sys.argv[3]
 seconds = 0.0
 if src:
     start = time.perf_counter()
-    model_server.convert.convert("gguf", src, dst, dtype=dtype)
+    tools.convert.convert("gguf", src, dst, dtype=dtype)
     seconds = time.perf_counter() - start
 hwm = 0
 with open("/proc/self/status") as f:
@@ -81,8 +81,8 @@ def _child(src: str, dst: str, dtype: str) -> dict[str, float]:
 
 def largest_tensor_bytes(gguf_path: str, dtype: str) -> tuple[str, int]:
     """The largest tensor of the converted model, in the output dtype."""
-    from model_server.convert.gguf import hf_name
-    from model_server.convert.gguf_file import read_gguf
+    from tools.convert.gguf import hf_name
+    from tools.convert.gguf_file import read_gguf
 
     size = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
     parsed = read_gguf(gguf_path)

@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 
-from model_server.engine.runner import TorchRunner, build_runner
-from model_server.params import registry
-from model_server.params.llama import LlamaConfig
+from model_server.backends.torch.torch_runner import TorchRunner, build_runner
+from servables import registry
+from servables.configs.llama import LlamaConfig
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -153,14 +153,14 @@ def engine_greedy(
 ) -> tuple[list[list[int]], list[torch.Tensor], list[torch.Tensor]]:
     """Greedy tokens, decode-step logits [N, V] and prompt logits [P, V] of each prompt: one
     slot per prompt, all decoded together."""
-    prompt_logits = [runner.prefill(i, p) for i, p in enumerate(prompts)]
+    prompt_logits = [torch.from_numpy(runner.prefill_logits(i, p)) for i, p in enumerate(prompts)]
     tokens = [[int(lg[-1].argmax())] for lg in prompt_logits]
     steps: list[list[torch.Tensor]] = [[lg[-1]] for lg in prompt_logits]
     slots = list(range(len(prompts)))
     for _ in range(new_tokens - 1):
         last = [t[-1] for t in tokens]
         positions = [len(p) + len(t) - 1 for p, t in zip(prompts, tokens, strict=True)]
-        logits = runner.decode(slots, last, positions)
+        logits = torch.from_numpy(runner.decode_logits(slots, last, positions))
         for i, row in enumerate(logits):
             tokens[i].append(int(row.argmax()))
             steps[i].append(row)

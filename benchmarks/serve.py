@@ -292,28 +292,14 @@ class Bench:
 
     def _servable(self, quantization: str) -> tuple[Any, Any, dict[str, float]]:
         """Our servable in this process, with the load phases timed."""
-        from model_server.checkpoint import open_checkpoint
-        from model_server.engine.runner import build_runner
-        from model_server.engine.servable import EngineServable
-        from model_server.engine.tokenizer import Tokenizer
-        from model_server.params import registry
-        from model_server.params.base import apply_overrides
+        from model_server.loader import build_servable
+        from servables import registry
+        from servables.config import apply_overrides
 
         overrides = {**overrides_for(self.plan), "QUANTIZATION": json.dumps(quantization)}
         config = apply_overrides(registry.get(MODEL), overrides)
         times: dict[str, float] = {}
-        t = time.perf_counter()
-        ckpt = open_checkpoint(str(self.checkpoint))
-        tensors = list(ckpt.iter_tensors(dtype=torch.float32))
-        times["checkpoint_open_s"] = time.perf_counter() - t  # safetensors are memory-mapped
-        t = time.perf_counter()
-        runner = build_runner(config, tensors)  # type: ignore[arg-type]
-        del tensors
-        times["read_and_place_weights_s"] = time.perf_counter() - t
-        eos = ckpt.config.get("eos_token_id")
-        eos_ids = [] if eos is None else (list(eos) if isinstance(eos, list) else [eos])
-        tokenizer = Tokenizer.from_dir(ckpt.tokenizer_dir())
-        servable = EngineServable(config, runner, tokenizer, eos_ids=eos_ids)
+        servable = build_servable(config, str(self.checkpoint), timings=times)
         t = time.perf_counter()
         system = systems.InProcessSystem(servable, config)
         short = dataclasses.replace(self.random_prompts[0], max_tokens=2)
@@ -375,8 +361,8 @@ class Bench:
             self.record("llama.cpp", name, concurrency, results, wall)
 
     def finish(self) -> str:
-        import model_server.params.registry as registry
-        from model_server.params.base import apply_overrides
+        import servables.registry as registry
+        from servables.config import apply_overrides
 
         config = apply_overrides(registry.get(MODEL), overrides_for(self.plan))
         bw = self.data.get("bandwidth", {}).get("read_gb_s")

@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sax
-from gateway.chat_template import PLAIN, ChatTemplate, load_chat_template
-from model_server.params.base import ServableConfig, apply_overrides
-from model_server.params.registry import get as get_config
 from sax.errors import DeadlineExceededError, SaxError, UnavailableError
 from sax.naming import parse_cell, parse_model
+from servables.chat_template import PLAIN, ChatTemplate, load_chat_template
+from servables.config import ServableConfig, apply_overrides
+from servables.registry import get as get_config
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def _config(model_id: str, model_path: str, overrides: dict[str, str]) -> Servab
 
 
 def _from_checkpoint(model_id: str, checkpoint: str) -> tuple[ChatTemplate, Any]:
-    from model_server.checkpoint import open_checkpoint
+    from servables.checkpoint import open_checkpoint
 
     try:
         tokenizer_dir = open_checkpoint(checkpoint).tokenizer_dir()

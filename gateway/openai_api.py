@@ -9,7 +9,7 @@ of several) -> the same names. A field the model's config does not declare is a 
 `n` completions are n concurrent calls; a model returning several samples per call (NUM_SAMPLES > 1)
 gives its best-scored one, or its first when streaming.
 
-Chat prompts are the model's chat template rendered over the messages (`gateway.chat_template`).
+Chat prompts are the model's chat template rendered over the messages (`servables.chat_template`).
 Token counts in `usage` come from re-tokenizing the prompt and the text with the checkpoint's
 tokenizer, so they are approximate (a few tokens off where the text re-tokenizes differently);
 `usage` is left out for a model without a tokenizer. `finish_reason` is "length" when the text

@@ -25,10 +25,10 @@ import sys
 from collections.abc import Sequence
 
 from model_server.config import ModelServerConfig
-from model_server.params import platform
 from sax.errors import InvalidArgumentError, SaxError
 from sax.naming import parse_cell
 from sax.storage import resolve_sax_root
+from servables import platform
 
 logger = logging.getLogger("model_server")
 
@@ -116,7 +116,7 @@ def parse_config(argv: Sequence[str] | None = None) -> tuple[ModelServerConfig, 
         parser.error(f"--backend must be torch or jax, got {args.backend!r}")
     try:
         if args.jax_coordinator or args.jax_num_processes != 1:
-            from model_server.multihost import MultihostConfig
+            from model_server.backends.jax.multihost import MultihostConfig
 
             MultihostConfig(
                 args.jax_coordinator,
@@ -181,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if config.jax_coordinator and config.resolved_backend() != "jax":
             raise InvalidArgumentError("--jax_coordinator needs --backend=jax")
         if config.resolved_backend() == "jax":
-            from model_server import multihost
+            from model_server.backends.jax import multihost
 
             group = None
             if config.jax_coordinator:
@@ -193,14 +193,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             multihost.initialize(config.chip, config.topology, group, config.jax_cache_dir)
             if group is not None and group.process_id != 0:
-                return multihost.follow(group)  # until process 0 stops or goes away
+                from model_server.backends.jax.jax_runner import build_jax_runner
+
+                # Until process 0 stops or goes away.
+                return multihost.follow(group, build_jax_runner)
             if group is not None:
                 multihost.start_leader(group)
         try:
             asyncio.run(serve(config))
         finally:
             if config.jax_coordinator:
-                from model_server import multihost
+                from model_server.backends.jax import multihost
 
                 multihost.stop_leader()
     except SaxError as e:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from model_server.params import platform
+from servables import platform
 
 _ANY_HOSTS = ("0.0.0.0", "::", "[::]", "")
 
@@ -44,8 +44,8 @@ class ModelServerConfig:
     backend: str = ""
     # JAX's persistent compilation cache folder; empty: none.
     jax_cache_dir: str = ""
-    # Multi-process JAX (model_server.multihost): the coordinator "host:port" ("" for one
-    # process), the number of processes, this process's id and process 0's control port
+    # Multi-process JAX (model_server.backends.jax.multihost): the coordinator "host:port" ("" for
+    # one process), the number of processes, this process's id and process 0's control port
     # (0: the coordinator's port + 1).
     jax_coordinator: str = ""
     jax_num_processes: int = 1

@@ -21,9 +21,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from model_server.models import build_servable
-from model_server.params import registry
-from model_server.params.base import ServableConfig, apply_overrides
+from model_server.loader import build_servable
 from model_server.servable import Servable
 from sax.errors import (
     FailedPreconditionError,
@@ -33,6 +31,8 @@ from sax.errors import (
     SaxError,
 )
 from sax.v1 import common_pb2
+from servables import registry
+from servables.config import ServableConfig, apply_overrides
 
 logger = logging.getLogger(__name__)
 

@@ -28,10 +28,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from model_server.config import ModelServerConfig, host_port
+from model_server.loader import build_servable
 from model_server.metrics import ModelSample, ModelServerMetrics
 from model_server.model_manager import Builder, ModelManager
-from model_server.models import build_servable
-from model_server.params import platform, registry
 from model_server.services.lm import CallTracker, LMServicer
 from model_server.services.modelet import ModeletServicer
 from sax import cell as sax_cell
@@ -39,6 +38,7 @@ from sax.errors import FailedPreconditionError, SaxError, UnavailableError
 from sax.naming import CellName, parse_cell
 from sax.storage import Store, open_store, resolve_sax_root
 from sax.v1 import admin_pb2, admin_pb2_grpc, lm_pb2, lm_pb2_grpc, modelet_pb2, modelet_pb2_grpc
+from servables import platform, registry
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def servable_model_paths(chip: str, topology: str, backend: str = "torch") -> li
     """Registered config names this platform can host, sorted. With the JAX backend a Llama
     config of the chip is listed whatever its default mesh: it serves on this server when
     published with an ICI_MESH_SHAPE of the topology's device count (the admin checks that)."""
-    from model_server.params.llama import LlamaConfig
+    from servables.configs.llama import LlamaConfig
 
     names = []
     for name in registry.names():
@@ -251,7 +251,7 @@ class ModelServer:
         """Why the server cannot make progress ("" when it can): the channel to the other
         processes of a multi-process model broke, or a model with requests whose engine has
         finished no step for stall_timeout_s."""
-        from model_server import multihost
+        from model_server.backends.jax import multihost
 
         leader = multihost.current_leader()
         if leader is not None and leader.lost:

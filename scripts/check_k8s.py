@@ -29,8 +29,8 @@ from deploy_files import DEPLOY, IMAGES, REPO, flag, image_name, parse_dockerfil
 from deploy_flags import check_argv
 from render_k8s import RenderError, render
 
-from model_server.params import platform
 from sax.health_probe import parser as health_probe_parser
+from servables import platform
 
 # The Kubernetes version the manifests are validated against (GKE's regular channel).
 K8S_VERSION = "1.34"

@@ -63,8 +63,8 @@ class InProcessSystem:
         self._config = config
 
     def stream(self, prompt: Prompt, on_chunk: ChunkCallback) -> int | None:
-        from model_server.servable import SamplingParams
         from sax.v1 import common_pb2
+        from servables.sampling_params import SamplingParams
 
         extra = common_pb2.ExtraInputs(items=_extra(prompt))
         params = SamplingParams.from_extra_inputs(extra, self._config)

@@ -1,5 +1,5 @@
-"""The engine core: one thread that owns the runner and loops schedule -> run -> sample ->
-update -> fan-out.
+"""The engine core: one thread that owns the runner and loops schedule -> run -> update ->
+fan-out. Backend-free: the runner samples and hands back token ids and log-probabilities.
 
 Callers (any thread) `submit` a `Request` with a sink and get `RequestOutput`s on it, from the
 engine thread, after every step that changed their request; `abort` drops a request before the
@@ -15,9 +15,6 @@ import threading
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
-
-import torch
 
 from model_server.engine.detokenizer import Detokenizer
 from model_server.engine.request import (
@@ -28,36 +25,11 @@ from model_server.engine.request import (
     RequestOutput,
     SampleOutput,
 )
-from model_server.engine.sampling import SamplerState, sample
-from model_server.engine.scheduler import SampleKey, Scheduler, SchedulerOutput, ScoreWork
+from model_server.engine.runner import Runner
+from model_server.engine.scheduler import SampleKey, Scheduler, SchedulerOutput
 from sax.errors import InternalError, SaxError, UnavailableError
 
 logger = logging.getLogger(__name__)
-
-
-class ModelRunner(Protocol):
-    """What the engine needs of `model_server.engine.runner.Runner` (see there)."""
-
-    num_slots: int
-    max_seq_len: int
-    vocab_size: int
-
-    def prefill(self, slot: int, tokens: Sequence[int], *, all_logits: bool = True) -> torch.Tensor:
-        """Logits [len(tokens), V] of the prompt run into `slot` ([1, V]: the last position's
-        only, when all_logits is False)."""
-        ...
-
-    def decode(
-        self, slots: Sequence[int], tokens: Sequence[int], positions: Sequence[int]
-    ) -> torch.Tensor:
-        """Logits [len(slots), V] of one step of several slots."""
-        ...
-
-    def copy_slot(self, src: int, dst: int, length: int) -> None:
-        """Copies K/V positions [0, length) of src into dst."""
-        ...
-
-    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -84,7 +56,6 @@ class _Active:
 
     request: Request
     sink: OutputSink
-    samplers: list[SamplerState] = field(default_factory=list)
     detoks: list[Detokenizer] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
     emitted: list[int] = field(default_factory=list)  # characters sent per sample
@@ -104,7 +75,7 @@ class Engine:
 
     def __init__(
         self,
-        runner: ModelRunner,
+        runner: Runner,
         *,
         decode: Callable[[Sequence[int]], str],
         eos_ids: Collection[int],
@@ -145,8 +116,6 @@ class Engine:
         active = _Active(request, sink)
         if request.kind is RequestKind.GENERATE:
             n = len(request.samples)
-            vocab = self._runner.vocab_size
-            active.samplers = [SamplerState(o, vocab, request.prompt) for o in request.samples]
             active.detoks = [
                 Detokenizer(self._decode, request.prompt, request.stop) for _ in range(n)
             ]
@@ -234,8 +203,9 @@ class Engine:
 
     def _step(self, output: SchedulerOutput) -> None:
         try:
-            logp = {w.request_id: self._score(w) for w in output.scores}
-            keys, tokens, token_logp = self._run_model(output)
+            ran = self._runner.execute(output)
+            logp = ran.scores
+            keys, tokens, token_logp = ran.keys, ran.tokens, ran.logprobs
         except Exception as e:
             logger.exception("engine step %d failed", output.step)
             error = InternalError(f"the model failed while running the request ({e!r}); retry")
@@ -287,35 +257,3 @@ class Engine:
             changed = any(item.text or item.finish_reason for item in items)
             if changed or request_id in done:
                 self._deliver(active, active.out(samples=tuple(items), finished=request_id in done))
-
-    def _run_model(self, output: SchedulerOutput) -> tuple[list[SampleKey], list[int], list[float]]:
-        keys: list[SampleKey] = []
-        rows: list[torch.Tensor] = []
-        for work in output.prefills:
-            last = self._runner.prefill(work.slots[0], work.tokens, all_logits=False)  # [1, V]
-            for i, slot in enumerate(work.slots):
-                if i:
-                    self._runner.copy_slot(work.slots[0], slot, len(work.tokens))
-                keys.append((work.request_id, i))
-                rows.append(last)
-        for batch in output.decodes:
-            rows.append(self._runner.decode(batch.slots, batch.tokens, batch.positions))  # [B, V]
-            keys.extend(batch.keys)
-        if not keys:
-            return [], [], []
-        states = [self._active[rid].samplers[i] for rid, i in keys]
-        tokens, logp = sample(torch.cat(rows), states)  # [sum B, V] -> B tokens
-        return keys, tokens, logp
-
-    def _score(self, work: ScoreWork) -> tuple[float, ...]:
-        values = []
-        n = len(work.prefix)
-        for suffix in work.suffixes:
-            if not suffix:
-                values.append(0.0)
-                continue
-            logits = self._runner.prefill(work.slot, work.prefix + suffix)  # [T, V]
-            logp = torch.log_softmax(logits[n - 1 : n - 1 + len(suffix)].float(), dim=-1)
-            index = torch.tensor(suffix, dtype=torch.long)[:, None]  # [S, 1]
-            values.append(float(torch.gather(logp, 1, index).sum()))
-        return tuple(values)

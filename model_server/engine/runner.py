@@ -1,281 +1,52 @@
-"""The runner: the only engine code that touches torch tensors on the device.
+"""The runner protocol: what the engine core needs of a backend (torch, JAX, numpy).
 
-It owns a Llama model and its static KV cache of `num_slots` slots of `max_seq_len` positions
-(the config's INPUT_SEQ_LEN + MAX_DECODE_STEPS). Prompts are padded to the smallest bucket key
-that holds them (the config's BUCKET_KEYS, or INPUT_SEQ_LEN, then the slot length for longer
-sequences such as scored prefix + suffix), and the attended length of a decode step to a
-multiple of SPAN_STEP (or the slot length), so the device sees few distinct shapes. Decode
-batches run at their exact size (eager torch gains nothing from padding rows), in chunks of at
-most the largest BATCH_SIZE; when a batch's slots are consecutive (the usual case: the lowest
-free slot goes first) the cache is attended in place instead of gathered.
-
-Every method runs under `torch.inference_mode` and returns float32 logits on the CPU.
+A runner owns a model and its KV cache of `num_slots` slots of `max_seq_len` positions. Each
+engine step hands it the scheduler's work (`SchedulerOutput`: score requests, prefills, decode
+batches, and the samples that ended since the last step); the runner runs the model, samples on
+its side with each sample's options, and returns token ids and their log-probabilities, never
+logits (vLLM v1's ModelRunnerOutput). The engine core therefore imports no array library.
 """
 
 from __future__ import annotations
 
-import bisect
-import contextlib
-import logging
-import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
-import torch
+from model_server.engine.scheduler import SampleKey, SchedulerOutput
 
-from model_server.models.llama import LlamaForCausalLM, build_model
-from model_server.params.llama import LlamaConfig
-from sax.errors import FailedPreconditionError, InvalidArgumentError
 
-logger = logging.getLogger(__name__)
+@dataclass(frozen=True)
+class RunnerOutput:
+    """What one step produced."""
 
-# Attended lengths of decode steps are multiples of this (or the slot length): attention reads
-# at most this many positions more than the batch's longest sequence.
-SPAN_STEP = 32
+    # One entry per prefilled or decoded sample, in the order of the work: prefills (sample
+    # order within each), then decode batches.
+    keys: tuple[SampleKey, ...] = ()
+    # The sampled token of each key.
+    tokens: tuple[int, ...] = ()
+    # log p(token) under the model's raw distribution (temperature 1, no penalty).
+    logprobs: tuple[float, ...] = ()
+    # Score requests: request id -> log p(suffix | prefix) for each suffix.
+    scores: Mapping[int, tuple[float, ...]] = field(default_factory=dict)
 
 
 class Runner(Protocol):
-    """Prefill and decode over a static KV cache (see `build_runner`)."""
+    """Runs the engine's steps on a device. Called from the engine thread only."""
 
-    # KV cache slots (>= the largest batch size; one per running sample).
+    # KV cache slots (one per running sample).
     num_slots: int
-    # Positions per slot (input_seq_len + max_decode_steps).
+    # Positions per slot (INPUT_SEQ_LEN + MAX_DECODE_STEPS).
     max_seq_len: int
+    # Token ids the model knows: [0, vocab_size).
     vocab_size: int
 
-    def prefill(self, slot: int, tokens: Sequence[int], *, all_logits: bool = True) -> torch.Tensor:
-        """Runs the prompt into `slot` (K/V of positions [0, len(tokens))) and returns float32
-        logits [len(tokens), V] on the CPU, or only the last position's [1, V] when
-        all_logits is False."""
-        ...
-
-    def decode(
-        self, slots: Sequence[int], tokens: Sequence[int], positions: Sequence[int]
-    ) -> torch.Tensor:
-        """One step for several slots: token i is at position positions[i] of slot slots[i]
-        and attends to that slot's positions <= positions[i]; writes its K/V and returns
-        float32 logits [len(slots), V] on the CPU."""
-        ...
-
-    def copy_slot(self, src: int, dst: int, length: int) -> None:
-        """Copies K/V positions [0, length) of src into dst (prefill once, sample many)."""
+    def execute(self, work: SchedulerOutput) -> RunnerOutput:
+        """Runs one step: forgets the sampler state of `work.released`, scores `work.scores`,
+        prefills `work.prefills` (copying a prompt's K/V to each of its samples' slots and
+        sampling every sample's first token) and decodes `work.decodes`."""
         ...
 
     def close(self) -> None:
         """Frees the weights and the cache; the runner is not used afterwards."""
         ...
-
-
-def smallest_at_least(sorted_values: Sequence[int], n: int) -> int | None:
-    i = bisect.bisect_left(sorted_values, n)
-    return sorted_values[i] if i < len(sorted_values) else None
-
-
-def resolve_devices(config: LlamaConfig, device: str | torch.device) -> list[torch.device]:
-    """The devices of the model: on CUDA, one per device of the config's mesh (cuda:0..N-1
-    when `device` names no index); elsewhere the one device."""
-    dev = torch.device(device)
-    n = config.num_devices()
-    if dev.type != "cuda" or n == 1:
-        return [dev]
-    first = dev.index or 0
-    available = torch.cuda.device_count()
-    if first + n > available:
-        raise FailedPreconditionError(
-            f"the config's ICI_MESH_SHAPE {list(config.ici_mesh_shape)} needs {n} GPUs from "
-            f"{dev}, this server has {available}; publish with a smaller ICI_MESH_SHAPE"
-        )
-    return [torch.device("cuda", first + i) for i in range(n)]
-
-
-class RunnerChecks:
-    """Argument checks shared by the runners (torch and JAX): slots, token ids, buckets."""
-
-    num_slots: int
-    max_seq_len: int
-    vocab_size: int
-    # Prefill lengths, ascending.
-    buckets: tuple[int, ...]
-
-    def _check_slot(self, slot: int) -> None:
-        if not 0 <= slot < self.num_slots:
-            raise InvalidArgumentError(f"slot {slot} is outside [0, {self.num_slots})")
-
-    def _check_tokens(self, tokens: Sequence[int]) -> None:
-        bad = [t for t in tokens if not 0 <= t < self.vocab_size]
-        if bad:
-            raise InvalidArgumentError(
-                f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})"
-            )
-
-    def bucket(self, length: int) -> int:
-        """The padded prefill length of a prompt of `length` tokens; INVALID_ARGUMENT if none."""
-        padded = smallest_at_least(self.buckets, length)
-        if padded is None:
-            raise InvalidArgumentError(
-                f"the sequence is {length} tokens, more than the {self.max_seq_len} positions of "
-                "a KV cache slot (INPUT_SEQ_LEN + MAX_DECODE_STEPS); shorten it or publish the "
-                "model with a larger INPUT_SEQ_LEN"
-            )
-        return padded
-
-
-class TorchRunner(RunnerChecks):
-    """A `Runner` over `LlamaForCausalLM`. Calls are serialized by a lock."""
-
-    def __init__(self, config: LlamaConfig, model: LlamaForCausalLM, num_slots: int) -> None:
-        self.config = config
-        self.num_slots = num_slots
-        self.max_seq_len = config.slot_len
-        self.vocab_size = config.vocab_size
-        self.batch_sizes = tuple(sorted(set(config.batch_sizes)))
-        keys = config.bucket_keys or (config.input_seq_len,)
-        self.buckets = tuple(sorted({k for k in keys if k < self.max_seq_len} | {self.max_seq_len}))
-        self.spans = (*range(SPAN_STEP, self.max_seq_len, SPAN_STEP), self.max_seq_len)
-        self._model: LlamaForCausalLM | None = model
-        self._lock = threading.Lock()
-        with torch.inference_mode():
-            model.allocate_cache(num_slots, self.max_seq_len)
-        self._input_device = model.devices[0]
-
-    def _live(self) -> LlamaForCausalLM:
-        if self._model is None:
-            raise FailedPreconditionError("the runner was closed; load the model again")
-        return self._model
-
-    def prefill(self, slot: int, tokens: Sequence[int], *, all_logits: bool = True) -> torch.Tensor:
-        n = len(tokens)
-        if n == 0:
-            raise InvalidArgumentError("prefill needs at least one token")
-        self._check_slot(slot)
-        self._check_tokens(tokens)
-        padded = self.bucket(n)
-        ids = torch.zeros(padded, dtype=torch.long)
-        ids[:n] = torch.tensor(list(tokens), dtype=torch.long)
-        with self._lock, torch.inference_mode():
-            model = self._live()
-            hidden = model.prefill(ids.to(self._input_device), slot)  # [T, D]
-            hidden = hidden[:n] if all_logits else hidden[n - 1 : n]
-            return model.logits(hidden).cpu()
-
-    def decode(
-        self, slots: Sequence[int], tokens: Sequence[int], positions: Sequence[int]
-    ) -> torch.Tensor:
-        n = len(slots)
-        if n == 0 or len(tokens) != n or len(positions) != n:
-            raise InvalidArgumentError(
-                f"decode needs as many tokens and positions as slots, got {n}, {len(tokens)}, "
-                f"{len(positions)}"
-            )
-        if len(set(slots)) != n:
-            raise InvalidArgumentError(f"decode slots must be distinct, got {list(slots)}")
-        for slot in slots:
-            self._check_slot(slot)
-        self._check_tokens(tokens)
-        bad = [p for p in positions if not 0 <= p < self.max_seq_len]
-        if bad:
-            raise InvalidArgumentError(
-                f"decode positions {bad[:5]} are outside a slot's [0, {self.max_seq_len})"
-            )
-        largest = self.batch_sizes[-1]
-        with self._lock, torch.inference_mode():
-            model = self._live()
-            parts = [
-                self._decode_batch(
-                    model,
-                    slots[i : i + largest],
-                    tokens[i : i + largest],
-                    positions[i : i + largest],
-                )
-                for i in range(0, n, largest)
-            ]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def _decode_batch(
-        self,
-        model: LlamaForCausalLM,
-        slots: Sequence[int],
-        tokens: Sequence[int],
-        positions: Sequence[int],
-    ) -> torch.Tensor:
-        span = smallest_at_least(self.spans, max(positions) + 1)
-        assert span is not None
-        device = self._input_device
-        ids = torch.tensor(tokens, dtype=torch.long).to(device)
-        rows = torch.tensor(slots, dtype=torch.long).to(device)
-        pos = torch.tensor(positions, dtype=torch.long).to(device)
-        first = slots[0]
-        consecutive = all(s == first + i for i, s in enumerate(slots))
-        hidden = model.decode(ids, rows, pos, span, first if consecutive else None)  # [B, D]
-        return model.logits(hidden).cpu()
-
-    def copy_slot(self, src: int, dst: int, length: int) -> None:
-        self._check_slot(src)
-        self._check_slot(dst)
-        if not 0 <= length <= self.max_seq_len:
-            raise InvalidArgumentError(f"copy length {length} is outside [0, {self.max_seq_len}]")
-        if src == dst or length == 0:
-            return
-        with self._lock, torch.inference_mode():
-            self._live().copy_slot(src, dst, length)
-
-    def close(self) -> None:
-        with self._lock:
-            model, self._model = self._model, None
-        if model is None:
-            return
-        model.free_cache()
-        devices = model.devices
-        del model
-        if any(d.type == "cuda" for d in devices):
-            torch.cuda.empty_cache()
-        logger.info("runner closed")
-
-
-@contextlib.contextmanager
-def _one_cpu_thread() -> Iterator[None]:
-    """Runs the block's CPU ops on the calling thread alone.
-
-    Under OpenMP every thread that runs parallel torch ops keeps its own team of worker
-    threads; once a process has more of them than cores (the loading thread's team plus the
-    engine thread's), libgomp cuts how long idle workers spin before sleeping, and every
-    parallel op then pays a wake-up: batch-1 decode took 45 ms instead of 30 ms. Loading is
-    memory-bound and loses little on one thread, so only the engine thread keeps a team."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def build_runner(
-    config: LlamaConfig,
-    tensors: Iterable[tuple[str, torch.Tensor]],
-    device: str | torch.device = "cpu",
-    num_slots: int | None = None,
-) -> TorchRunner:
-    """Builds the model from (canonical name, tensor) pairs on `device` (split over the mesh's
-    GPUs on CUDA) and allocates the KV cache: `num_slots` slots (default: the largest batch
-    size) of INPUT_SEQ_LEN + MAX_DECODE_STEPS positions.
-
-    FAILED_PRECONDITION for weights that do not fit the config, or too few GPUs.
-    """
-    config.validate()
-    slots = num_slots if num_slots is not None else max(config.batch_sizes)
-    if slots <= 0:
-        raise InvalidArgumentError(f"num_slots must be positive, got {slots}")
-    devices = resolve_devices(config, device)
-    with torch.no_grad(), _one_cpu_thread():
-        model = build_model(config, tensors, devices)
-        runner = TorchRunner(config, model, slots)
-    logger.info(
-        "runner ready: %d layers on %s, %d slots x %d positions, batch sizes %s, buckets %s",
-        config.num_layers,
-        ", ".join(str(d) for d in devices),
-        slots,
-        runner.max_seq_len,
-        list(runner.batch_sizes),
-        list(runner.buckets),
-    )
-    return runner

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from model_server.engine.kv_cache import SlotAllocator
-from model_server.engine.request import FinishReason, Request, RequestKind
+from model_server.engine.request import FinishReason, Request, RequestKind, SampleOptions
 from sax.errors import (
     CancelledError,
     DeadlineExceededError,
@@ -42,6 +42,8 @@ class PrefillWork:
     tokens: tuple[int, ...]
     # One slot per sample, in sample order.
     slots: tuple[int, ...]
+    # How each sample picks its tokens, in sample order.
+    samples: tuple[SampleOptions, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,9 @@ class SchedulerOutput:
     scores: tuple[ScoreWork, ...] = ()
     prefills: tuple[PrefillWork, ...] = ()
     decodes: tuple[DecodeBatch, ...] = ()
+    # Samples that ended (finished, aborted) since the previous step: the runner drops their
+    # sampler state.
+    released: tuple[SampleKey, ...] = ()
 
     def request_ids(self) -> set[int]:
         """Requests that run in this step."""
@@ -147,6 +152,7 @@ class Scheduler:
         self._running: dict[int, _Running] = {}
         self._dropped: list[Aborted] = []  # aborted while waiting, reported by the next step
         self._in_flight: SchedulerOutput | None = None
+        self._released: list[SampleKey] = []
         self._step = 0
 
     @property
@@ -216,6 +222,7 @@ class Scheduler:
         self._waiting.clear()
         self._running.clear()
         self._dropped.clear()
+        self._released.clear()
         self._in_flight = None
         return ids
 
@@ -232,7 +239,9 @@ class Scheduler:
             scores=tuple(scores),
             prefills=tuple(prefills),
             decodes=self._decode_batches(),
+            released=tuple(self._released),
         )
+        self._released.clear()
         self._in_flight = output
         return output
 
@@ -284,6 +293,7 @@ class Scheduler:
             if reason is not None:
                 sample.live = False
                 self._slots.free(sample.slot)
+                self._released.append(key)
                 ended.append(Finished(key, reason))
                 if not any(s.live for s in run.samples):
                     del self._running[key[0]]
@@ -335,7 +345,7 @@ class Scheduler:
             if request.kind is RequestKind.SCORE:
                 scores.append(ScoreWork(rid, slots[0], request.prompt, request.suffixes))
             else:
-                prefills.append(PrefillWork(rid, request.prompt, tuple(slots)))
+                prefills.append(PrefillWork(rid, request.prompt, tuple(slots), request.samples))
             samples = [_Sample(slot=s, position=len(request.prompt)) for s in slots]
             self._running[rid] = _Running(request, samples)
         return scores, prefills
@@ -363,7 +373,10 @@ class Scheduler:
         return tuple(batches)
 
     def _free_samples(self, run: _Running) -> None:
-        for s in run.samples:
+        generate = run.request.kind is RequestKind.GENERATE
+        for i, s in enumerate(run.samples):
             if s.live:
                 s.live = False
                 self._slots.free(s.slot)
+                if generate:
+                    self._released.append((run.request.request_id, i))

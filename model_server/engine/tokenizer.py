@@ -1,5 +1,5 @@
 """The tokenizer of a checkpoint: `tokenizer.json` (the `tokenizers` library) plus the special
-tokens and chat template of `tokenizer_config.json`.
+tokens and chat template of `tokenizer_config.json`, read and rendered by `servables.chat_template`.
 
 Special tokens written in a text (e.g. "<|im_start|>") are parsed as themselves, so a prompt
 already formatted with the chat template encodes as the model expects.
@@ -7,28 +7,22 @@ already formatted with the chat template encodes as the model expects.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tokenizers
 
 from sax.errors import FailedPreconditionError
+from servables.chat_template import read_tokenizer_config, special_token_text, template_source
+
+if TYPE_CHECKING:
+    from servables.chat_template import ChatTemplate
 
 logger = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "tokenizer.json"
-CONFIG_FILE = "tokenizer_config.json"
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
-
-
-def _token_text(value: Any) -> str | None:
-    """A special token entry of tokenizer_config.json: a string or {"content": ...}."""
-    if isinstance(value, Mapping):
-        value = value.get("content")
-    return value if isinstance(value, str) and value else None
 
 
 class Tokenizer:
@@ -48,6 +42,7 @@ class Tokenizer:
         self.eos_ids = tuple(dict.fromkeys(eos_ids))
         self.add_bos = add_bos and bos_id is not None
         self.chat_template = chat_template
+        self._template: ChatTemplate | None = None  # compiled on first use
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike[str]) -> Tokenizer:
@@ -61,16 +56,7 @@ class Tokenizer:
                 "includes its tokenizer"
             )
         tok = tokenizers.Tokenizer.from_file(file)
-        config: dict[str, Any] = {}
-        config_file = os.path.join(folder, CONFIG_FILE)
-        if os.path.isfile(config_file):
-            with open(config_file, encoding="utf-8") as f:
-                config = json.load(f)
-        template = config.get("chat_template")
-        template_file = os.path.join(folder, CHAT_TEMPLATE_FILE)
-        if not isinstance(template, str) and os.path.isfile(template_file):
-            with open(template_file, encoding="utf-8") as f:
-                template = f.read()
+        config, template_file = read_tokenizer_config(folder)
         bos_id = cls._special_id(tok, config.get("bos_token"))
         eos_id = cls._special_id(tok, config.get("eos_token"))
         add_bos = config.get("add_bos_token")
@@ -83,13 +69,13 @@ class Tokenizer:
             bos_id=bos_id,
             eos_ids=() if eos_id is None else (eos_id,),
             add_bos=bool(add_bos),
-            chat_template=template if isinstance(template, str) else None,
+            chat_template=template_source(config, template_file),
         )
 
     @staticmethod
     def _special_id(tok: tokenizers.Tokenizer, entry: Any) -> int | None:
-        text = _token_text(entry)
-        return None if text is None else tok.token_to_id(text)
+        text = special_token_text(entry)
+        return tok.token_to_id(text) if text else None
 
     @property
     def vocab_size(self) -> int:
@@ -112,20 +98,19 @@ class Tokenizer:
     def apply_chat_template(
         self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True
     ) -> str:
-        """Formats chat messages ({"role", "content"}) with the model's chat template (jinja2,
-        sandboxed). FAILED_PRECONDITION when the tokenizer has no template."""
+        """Formats chat messages ({"role", "content"}) with the model's chat template
+        (`servables.chat_template`). FAILED_PRECONDITION when the tokenizer has no template or
+        it does not compile, INVALID_ARGUMENT when it refuses the messages."""
         if not self.chat_template:
             raise FailedPreconditionError(
                 "the model's tokenizer has no chat template; format the prompt yourself"
             )
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        if self._template is None:
+            from servables.chat_template import ChatTemplate
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        template = env.from_string(self.chat_template)
-        tokens = {
-            "bos_token": "" if self.bos_id is None else self._tok.id_to_token(self.bos_id),
-            "eos_token": self._tok.id_to_token(self.eos_ids[0]) if self.eos_ids else "",
-        }
-        return template.render(
-            messages=list(messages), add_generation_prompt=add_generation_prompt, **tokens
-        )
+            tokens = {
+                "bos_token": "" if self.bos_id is None else self._tok.id_to_token(self.bos_id),
+                "eos_token": self._tok.id_to_token(self.eos_ids[0]) if self.eos_ids else "",
+            }
+            self._template = ChatTemplate.compile(self.chat_template, tokens)
+        return self._template.render(messages, add_generation_prompt=add_generation_prompt)

@@ -28,10 +28,11 @@ import grpc
 
 from model_server.metrics import ModelServerMetrics
 from model_server.model_manager import LoadedModel, ModelManager
-from model_server.servable import AsyncServable, SamplingParams, StreamItem
+from model_server.servable import AsyncServable, StreamItem
 from sax.errors import InvalidArgumentError, SaxError, UnavailableError
 from sax.rpc import handle_errors
 from sax.v1 import lm_pb2, lm_pb2_grpc
+from servables.sampling_params import SamplingParams
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)

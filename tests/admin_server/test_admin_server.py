@@ -12,7 +12,7 @@ import pytest
 from admin_server.config import AdminConfig
 from admin_server.server import AdminServer
 from model_server.config import ModelServerConfig
-from model_server.models import build_servable
+from model_server.loader import build_servable
 from model_server.server import ModelServer
 from sax import cell as cell_layout
 from sax.naming import parse_cell

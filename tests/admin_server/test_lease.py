@@ -18,7 +18,7 @@ from admin_server.config import AdminConfig
 from admin_server.lease import Lease, LeaseRecord, Renewal
 from admin_server.server import AdminServer
 from model_server.config import ModelServerConfig
-from model_server.models import build_servable
+from model_server.loader import build_servable
 from model_server.server import ModelServer
 from sax import cell as cell_layout
 from sax.naming import parse_cell

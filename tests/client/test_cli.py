@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import pathlib
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import pytest
 
-from sax.cli.common import parse_duration
+import sax
+from sax.cli import main as cli_main
+from sax.cli.common import flag, parse_duration
 from sax.cli.lm_cmds import parse_extra
-from sax.cli.main import main
+from sax.cli.main import CommandRegistry, main
 from sax.cli.table import format_table
 from sax.v1 import lm_pb2
 
@@ -320,3 +324,82 @@ def test_watch(cluster: Cluster, admin: AdminHandle, capsys: pytest.CaptureFixtu
     assert result == [0]
     out = capsys.readouterr().out
     assert out == "Reset\n+ 10.0.0.1:1\n+ 10.0.0.2:1\n- 10.0.0.1:1\n"
+
+
+class _EntryPoint:
+    """Stands in for an importlib.metadata.EntryPoint of the saxutil.commands group."""
+
+    def __init__(self, name: str, load: Callable[[], object]) -> None:
+        self.name, self.value, self._load = name, f"plugin:{name}", load
+
+    def load(self) -> object:
+        return self._load()
+
+
+def _register_hello(commands: CommandRegistry) -> None:
+    p = commands.add("hello", _cmd_hello, "say hello", "example:\n  saxutil hello -loud world")
+    flag(p, "loud", action="store_true", help="shout")
+    p.add_argument("who")
+
+
+def _cmd_hello(args: argparse.Namespace) -> int:
+    if args.who == "nobody":
+        raise sax.errors.NotFoundError("nobody is there")
+    text = f"hello {args.who}"
+    print(text.upper() if args.loud else text)
+    return 0
+
+
+def _missing_package() -> object:
+    raise ModuleNotFoundError("No module named 'tools'", name="tools")
+
+
+def test_commands_of_other_packages_come_from_entry_points(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    found = [
+        _EntryPoint("convert", _missing_package),  # its package is not installed: skipped
+        _EntryPoint("hello", lambda: _register_hello),
+        _EntryPoint("ls", lambda: lambda commands: commands.add("ls", _cmd_hello, "clash")),
+    ]
+    asked: list[str] = []
+
+    def entry_points(group: str) -> list[_EntryPoint]:
+        asked.append(group)
+        return found
+
+    monkeypatch.setattr(cli_main.metadata, "entry_points", entry_points)
+    code, out, _ = run(capsys, "--help")
+    assert code == 0 and asked[-1] == "saxutil.commands"
+    assert "hello               say hello" in out and "convert" not in out
+    assert out.index("lm.score") < out.index("hello") < out.index("help ")
+    assert run(capsys, "hello", "world") == (0, "hello world\n", "")
+    assert run(capsys, "hello", "-loud=true", "world")[:2] == (0, "HELLO WORLD\n")
+    assert run(capsys, "hello", "-loud=false", "world")[:2] == (0, "hello world\n")
+    code, out, _ = run(capsys, "help", "hello")
+    assert code == 0 and "saxutil hello -loud world" in out and "-sax_root" in out
+    code, _, err = run(capsys, "hello", "nobody")
+    assert code == 1 and _error_line(err) == "saxutil: hello: NOT_FOUND: nobody is there"
+    code, _, err = run(capsys, "hello")
+    assert code == 1 and "hello: the following arguments are required: who" in _error_line(err)
+    code, _, err = run(capsys, "convert", "--from", "hf", "a", "b")
+    assert code == 1 and "unknown command 'convert'" in _error_line(err)
+
+    # The built-in commands are untouched: `ls` is still the real one.
+    root = str(tmp_path / "root")
+    assert run(capsys, "--sax_root", root, "create", "/sax/test")[0] == 0
+    code, out, _ = run(capsys, "ls", "-json=true", f"--sax_root={root}")
+    assert (code, json.loads(out)) == (0, ["/sax/test"])
+
+
+def test_unreadable_entry_points_leave_the_other_commands(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def entry_points(group: str) -> list[_EntryPoint]:
+        raise OSError("broken metadata")
+
+    monkeypatch.setattr(cli_main.metadata, "entry_points", entry_points)
+    root = str(tmp_path / "root")
+    assert run(capsys, "--sax_root", root, "create", "/sax/test")[0] == 0
+    code, out, _ = run(capsys, "--sax_root", root, "ls", "--json")
+    assert (code, json.loads(out)) == (0, ["/sax/test"])

@@ -22,12 +22,9 @@ from hypothesis import strategies as st
 from admin_server.config import AdminConfig
 from admin_server.server import AdminServer
 from model_server.config import ModelServerConfig
-from model_server.engine.servable import EngineServable
+from model_server.engine.engine_servable import EngineServable
 from model_server.engine.tokenizer import Tokenizer
-from model_server.models import build_servable
-from model_server.params import registry
-from model_server.params.base import ServableConfig, apply_overrides
-from model_server.servable import SamplingParams
+from model_server.loader import build_servable
 from model_server.server import ModelServer
 from sax import cell as cell_layout
 from sax.cli import main as cli_main
@@ -42,6 +39,9 @@ from sax.v1 import (
     modelet_pb2,
     modelet_pb2_grpc,
 )
+from servables import registry
+from servables.config import ServableConfig, apply_overrides
+from servables.sampling_params import SamplingParams
 from tests.faults.report import record
 from tests.model_server.conftest import LoopThread, wait_for
 from tests.model_server.engine.fakes import FakeRunner, write_tokenizer

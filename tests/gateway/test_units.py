@@ -9,12 +9,12 @@ import pytest
 
 from gateway.__main__ import parse_settings
 from gateway.catalog import ModelCatalog, ModelInfo
-from gateway.chat_template import PLAIN, ChatTemplate, from_tokenizer_config, load_chat_template
 from gateway.config import GatewaySettings
 from gateway.errors import http_status
 from gateway.sax_http import parse_overrides
-from model_server.params.registry import get as get_config
 from sax import errors
+from servables.chat_template import PLAIN, ChatTemplate, from_tokenizer_config, load_chat_template
+from servables.registry import get as get_config
 
 # SmolLM2-Instruct's template, as its converted checkpoint keeps it.
 SMOLLM2_TEMPLATE = (

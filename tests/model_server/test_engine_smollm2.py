@@ -17,12 +17,12 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
-from model_server.engine.runner import build_runner
-from model_server.engine.servable import EngineServable
+from model_server.backends.torch.torch_runner import build_runner
+from model_server.engine.engine_servable import EngineServable
 from model_server.engine.tokenizer import Tokenizer
-from model_server.params import registry
-from model_server.servable import SamplingParams
 from sax.v1 import common_pb2
+from servables import registry
+from servables.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.slow
 

@@ -12,11 +12,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from model_server.engine.servable import EngineServable
+from model_server.engine.engine_servable import EngineServable
 from model_server.engine.tokenizer import Tokenizer
-from model_server.params.base import ServableConfig
 from model_server.server import ModelServer
 from sax.v1 import lm_pb2, lm_pb2_grpc, modelet_pb2, modelet_pb2_grpc
+from servables.config import ServableConfig
 from tests.model_server.conftest import wait_for
 from tests.model_server.engine.fakes import FakeRunner, write_tokenizer
 

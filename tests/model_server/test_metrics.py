@@ -12,13 +12,13 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from model_server.engine.servable import EngineServable
+from model_server.engine.engine_servable import EngineServable
 from model_server.engine.tokenizer import Tokenizer
-from model_server.models import build_servable
-from model_server.params.base import ServableConfig
+from model_server.loader import build_servable
 from model_server.servable import Servable
 from model_server.server import ModelServer
 from sax.v1 import lm_pb2, lm_pb2_grpc, modelet_pb2, modelet_pb2_grpc
+from servables.config import ServableConfig
 from tests.model_server.engine.fakes import FakeRunner, write_tokenizer
 
 TINY = "/sax/test/tiny"

@@ -9,12 +9,12 @@ import weakref
 
 import pytest
 
+from model_server.loader import build_servable
 from model_server.model_manager import ModelManager
-from model_server.models import build_servable
-from model_server.params.base import ServableConfig
 from model_server.servable import Servable
 from sax.errors import NotFoundError
 from sax.v1 import common_pb2
+from servables.config import ServableConfig
 
 Status = common_pb2.ModelStatus
 KEY = "/sax/test/m"

@@ -199,7 +199,7 @@ class GatedEngines:
         self.servables: list[Any] = []
 
     def build(self, config: Any, checkpoint: str) -> Any:
-        from model_server.engine.servable import EngineServable
+        from model_server.engine.engine_servable import EngineServable
         from tests.model_server.engine.fakes import FakeRunner
 
         runner = FakeRunner(num_slots=self.slots, max_seq_len=56, gate=self.gate)

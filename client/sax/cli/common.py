@@ -1,9 +1,10 @@
-"""Small pieces shared by the saxutil commands: usage errors and flag value parsers."""
+"""Small pieces shared by the saxutil commands: usage errors, flags, flag value parsers."""
 
 from __future__ import annotations
 
 import argparse
 import re
+from typing import Any
 
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _PART_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
@@ -32,3 +33,8 @@ def parse_duration(text: str) -> float:
     if seconds <= 0:
         raise argparse.ArgumentTypeError(f"duration {text!r} must be positive")
     return seconds
+
+
+def flag(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
+    """Adds a flag under both spellings, -name and --name (dest: name)."""
+    parser.add_argument(f"-{name}", f"--{name}", dest=name, **kwargs)

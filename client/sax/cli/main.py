@@ -3,6 +3,11 @@
 Subcommands are argparse subparsers; their code lives in sax.cli.admin_cmds and sax.cli.lm_cmds,
 imported only when the command runs. Every flag takes both spellings, `-flag` and `--flag`
 (Saxml's Go flags use one dash: `-replicas=2`, `-extra=temperature:0.2`).
+
+Other installed packages add commands through the `saxutil.commands` entry-point group (this
+project's `tools` adds `convert` and `estimate`): each entry point names a function that gets a
+`CommandRegistry` and adds its subcommand to it. sax never imports them itself; an entry point
+that cannot be loaded is skipped (logged with SAX_DEBUG=1) and the other commands work as usual.
 """
 
 from __future__ import annotations
@@ -14,10 +19,19 @@ import os
 import re
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from importlib import metadata
 from typing import Any, NoReturn
 
-from sax.cli.common import UsageError, parse_duration
+from sax.cli.common import UsageError, flag, parse_duration
+
+logger = logging.getLogger(__name__)
+
+# The entry-point group of the commands that other packages add to saxutil.
+COMMANDS_GROUP = "saxutil.commands"
+
+# A command's handler: takes the parsed arguments, returns the exit status (None: 0).
+Handler = Callable[[argparse.Namespace], "int | None"]
 
 _EXAMPLES = """\
 examples:
@@ -84,24 +98,7 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
         "score suffixes given a prefix",
         "example:\n  saxutil lm.score /sax/test/tiny 'Q: 1+1? A:' ' 2' ' 3'",
     ),
-    "convert": (
-        "sax.cli.convert_cmds:cmd_convert",
-        "convert a GGUF file, Hugging Face folder or Meta Llama folder into a checkpoint",
-        "examples:\n  saxutil convert --from gguf SmolLM2-135M-Instruct.Q4_1.gguf /ckpt/smollm2\n"
-        "  saxutil convert --from hf --dtype bfloat16 ./Llama-2-7b-hf gs://bucket/llama7b\n"
-        "  saxutil convert --from meta --shard-size 5GB ./llama-2-70b /ckpt/llama70b\n"
-        "the checkpoint goes to DST/checkpoint_00000000",
-    ),
-    "estimate": (
-        "sax.cli.convert_cmds:cmd_estimate",
-        "estimate the memory of a config or checkpoint per dtype",
-        "examples:\n  saxutil estimate llama.LLaMA7BFP16\n"
-        "  saxutil estimate --device-memory 24GiB /ckpt/smollm2\n"
-        "  saxutil estimate --json --batch-size 8 --seq-len 2048 gs://bucket/llama7b",
-    ),
 }
-
-_BOOL_FLAGS = ("stream", "terse", "json", "quiet")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -120,20 +117,71 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{where}{message}; run '{self.prog} --help' for usage")
 
 
-def _flag(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
-    """Adds a flag under both spellings, -name and --name."""
-    parser.add_argument(f"-{name}", f"--{name}", dest=name, **kwargs)
+class CommandRegistry:
+    """What the functions of the `saxutil.commands` entry points get: `add` makes a subcommand
+    that behaves like the built-in ones (both flag spellings via `sax.cli.common.flag`, the
+    global flags after the command, errors on one line, `saxutil help NAME`)."""
+
+    def __init__(
+        self,
+        sub: Any,
+        common: argparse.ArgumentParser,
+        subs: dict[str, argparse.ArgumentParser],
+    ) -> None:
+        self._sub = sub
+        self._common = common
+        self._subs = subs
+
+    def add(
+        self, name: str, handler: Handler | str, help_text: str, epilog: str = ""
+    ) -> argparse.ArgumentParser:
+        """Adds the subcommand `name`, run by `handler` (a function or "module:function",
+        imported when the command runs); returns its parser, to add the arguments to.
+        `help_text` is the one line of `saxutil --help`; `epilog` holds the examples."""
+        if name in self._subs:
+            raise ValueError(f"saxutil already has a command {name!r}")
+        p = self._sub.add_parser(
+            name,
+            parents=[self._common],
+            help=help_text,
+            description=help_text[0].upper() + help_text[1:] + ".",
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            allow_abbrev=False,
+        )
+        p.set_defaults(handler=handler)
+        self._subs[name] = p
+        return p
+
+
+def _add_installed_commands(commands: CommandRegistry) -> None:
+    """Runs the registration function of every `saxutil.commands` entry point, by name."""
+    try:
+        found = sorted(metadata.entry_points(group=COMMANDS_GROUP), key=lambda ep: ep.name)
+    except Exception:  # broken metadata must not break the other commands
+        logger.debug("cannot list the %s entry points", COMMANDS_GROUP, exc_info=True)
+        return
+    for entry_point in found:
+        try:
+            entry_point.load()(commands)
+        except Exception:  # e.g. its package is not installed: skip it
+            logger.debug(
+                "skipping saxutil command %r (%s)",
+                entry_point.name,
+                entry_point.value,
+                exc_info=True,
+            )
 
 
 def _global_flags(parser: argparse.ArgumentParser, default: Any) -> None:
-    _flag(
+    flag(
         parser,
         "sax_root",
         default=default,
         metavar="PATH",
         help="where the cells live: a local folder or gs://bucket/prefix (default: $SAX_ROOT)",
     )
-    _flag(
+    flag(
         parser,
         "sax_timeout",
         type=parse_duration,
@@ -158,22 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     _global_flags(parser, None)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     subs: dict[str, argparse.ArgumentParser] = {}
+    commands = CommandRegistry(sub, common, subs)
     for name, (handler, help_text, epilog) in _COMMANDS.items():
-        p = sub.add_parser(
-            name,
-            parents=[common],
-            help=help_text,
-            description=help_text[0].upper() + help_text[1:] + ".",
-            epilog=epilog,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-            allow_abbrev=False,
-        )
-        p.set_defaults(handler=handler)
-        subs[name] = p
+        commands.add(name, handler, help_text, epilog)
+    _add_arguments(subs)
+    _add_installed_commands(commands)
     help_p = sub.add_parser("help", help="show the help of saxutil or of one command")
     help_p.add_argument("topic", nargs="?", help="a command name")
     help_p.set_defaults(handler="")
-    _add_arguments(subs)
     parser.set_defaults(_subparsers=subs)
     return parser
 
@@ -191,7 +231,7 @@ def _add_arguments(subs: dict[str, argparse.ArgumentParser]) -> None:
 
     p = subs["ls"]
     p.add_argument("path", nargs="?", default="/sax", help="/sax, /sax/<cell> or a model id")
-    _flag(p, "json", action="store_true", help="print JSON instead of a table")
+    flag(p, "json", action="store_true", help="print JSON instead of a table")
 
     p = subs["publish"]
     p.add_argument("model_id", help="e.g. /sax/test/tiny")
@@ -208,7 +248,7 @@ def _add_arguments(subs: dict[str, argparse.ArgumentParser]) -> None:
     p.add_argument("model_id", help="e.g. /sax/test/tiny")
 
     p = subs["update"]
-    _flag(p, "replicas", type=int, default=-1, metavar="N", help="new number of replicas (>= 0)")
+    flag(p, "replicas", type=int, default=-1, metavar="N", help="new number of replicas (>= 0)")
     p.add_argument("model_id", help="e.g. /sax/test/tiny")
 
     p = subs["update_checkpoint"]
@@ -216,7 +256,7 @@ def _add_arguments(subs: dict[str, argparse.ArgumentParser]) -> None:
     p.add_argument("checkpoint_path", help="the new checkpoint")
 
     p = subs["watch"]
-    _flag(
+    flag(
         p,
         "max_updates",
         type=int,
@@ -227,18 +267,18 @@ def _add_arguments(subs: dict[str, argparse.ArgumentParser]) -> None:
     p.add_argument("model_id", help="e.g. /sax/test/tiny")
 
     for name in ("lm.generate", "lm.score"):
-        _flag(
+        flag(
             subs[name],
             "extra",
             default="",
             metavar="K:V,...",
             help="extra inputs, e.g. temperature:0.2,stop:'\\n' (quoted values are strings)",
         )
-        _flag(subs[name], "json", action="store_true", help="print JSON instead of a table")
+        flag(subs[name], "json", action="store_true", help="print JSON instead of a table")
     p = subs["lm.generate"]
-    _flag(p, "n", type=int, default=0, metavar="N", help="print at most N samples")
-    _flag(p, "stream", action="store_true", help="print the text as it is generated")
-    _flag(p, "terse", action="store_true", help="print only the texts, best score first")
+    flag(p, "n", type=int, default=0, metavar="N", help="print at most N samples")
+    flag(p, "stream", action="store_true", help="print the text as it is generated")
+    flag(p, "terse", action="store_true", help="print only the texts, best score first")
     p.add_argument("model_id", help="e.g. /sax/test/tiny")
     p.add_argument("query", help="the prompt, or - to read it from stdin")
 
@@ -247,57 +287,25 @@ def _add_arguments(subs: dict[str, argparse.ArgumentParser]) -> None:
     p.add_argument("prefix", help="the conditioning text (may be empty)")
     p.add_argument("suffixes", nargs="+", metavar="suffix", help="texts to score")
 
-    p = subs["convert"]
-    p.add_argument(
-        "-from",
-        "--from",
-        dest="source_format",
-        required=True,
-        choices=("gguf", "hf", "meta"),
-        help="source format: a GGUF file, a Hugging Face folder or a Meta Llama folder",
-    )
-    p.add_argument("src", help="GGUF file, Hugging Face folder or Meta Llama folder")
-    p.add_argument("dst", help="output folder or gs:// URL")
-    _flag(p, "dtype", choices=("float32", "bfloat16", "float16"), default=None, help="output dtype")
-    p.add_argument(
-        "-shard-size",
-        "--shard-size",
-        "-shard_size",
-        "--shard_size",
-        dest="shard_size",
-        default="2GB",
-        metavar="SIZE",
-        help="largest shard file, e.g. 2GB, 500MB (default: 2GB)",
-    )
-    _flag(p, "quiet", action="store_true", help="no progress bar")
-    _flag(p, "json", action="store_true", help="print JSON")
 
-    p = subs["estimate"]
-    p.add_argument("target", help="registered config name (llama.LLaMA7BFP16) or checkpoint path")
-    for name, kind, default, metavar, text in (
-        ("device-memory", str, "16GiB", "SIZE", "memory to compare with (default: 16GiB)"),
-        ("batch-size", int, None, "N", "sequences in the KV cache (default: largest batch, or 1)"),
-        ("seq-len", int, None, "N", "positions per sequence (default: prompt + decode steps)"),
-    ):
-        flags = [
-            f"-{name}",
-            f"--{name}",
-            f"-{name.replace('-', '_')}",
-            f"--{name.replace('-', '_')}",
-        ]
-        dest = name.replace("-", "_")
-        p.add_argument(*flags, dest=dest, type=kind, default=default, metavar=metavar, help=text)
-    _flag(p, "json", action="store_true", help="print JSON instead of a table")
+def _bool_flags(parser: argparse.ArgumentParser) -> set[str]:
+    """The names of the on/off flags (store_true) of every subcommand: json, stream, ..."""
+    names: set[str] = set()
+    for p in parser.get_default("_subparsers").values():
+        for action in p._actions:
+            if isinstance(action, argparse._StoreTrueAction):
+                names.update(o.lstrip("-") for o in action.option_strings)
+    return names
 
 
-def _normalize_bools(argv: Sequence[str]) -> list[str]:
+def _normalize_bools(argv: Sequence[str], bool_flags: set[str]) -> list[str]:
     """Turns Go-style `-stream=true` / `-stream=false` into `--stream` / nothing."""
     out: list[str] = []
     for i, arg in enumerate(argv):
         if arg == "--":
             return out + list(argv[i:])
         match = re.fullmatch(r"--?(\w+)=(\w+)", arg)
-        if match and match.group(1) in _BOOL_FLAGS:
+        if match and match.group(1) in bool_flags:
             value = match.group(2).lower()
             if value in ("true", "1", "t", "yes"):
                 out.append(f"--{match.group(1)}")
@@ -318,8 +326,10 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import sax
 
     sax.SetSaxRoot(args.sax_root)
-    module_name, func_name = args.handler.split(":")
-    handler = getattr(importlib.import_module(module_name), func_name)
+    handler = args.handler
+    if isinstance(handler, str):
+        module_name, func_name = handler.split(":")
+        handler = getattr(importlib.import_module(module_name), func_name)
     return int(handler(args) or 0)
 
 
@@ -334,8 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if debug else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    argv = _normalize_bools(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    argv = _normalize_bools(sys.argv[1:] if argv is None else argv, _bool_flags(parser))
     command = "saxutil"
     try:
         args = parser.parse_args(argv)

@@ -17,15 +17,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
-from model_server.engine.servable import EngineServable
+from model_server.backends.logits_runner import LogitsRunner
+from model_server.engine.engine_servable import EngineServable
 from model_server.engine.tokenizer import Tokenizer
-from model_server.params.base import ServableConfig
-from model_server.servable import SamplingParams
 from sax.v1 import common_pb2
+from servables.config import ServableConfig
+from servables.sampling_params import SamplingParams
 
 BOS, EOS, IM_START, IM_END = 256, 257, 258, 259
 SPECIALS = {"<s>": BOS, "</s>": EOS, "<|im_start|>": IM_START, "<|im_end|>": IM_END}
@@ -85,14 +86,13 @@ def context_hashes(tokens: Sequence[int]) -> list[int]:
     return out
 
 
-def logits_after(h: int, eos_period: int = 0) -> torch.Tensor:
+def logits_after(h: int, eos_period: int = 0) -> np.ndarray:
     """The fake model's next-token logits after a context with hash h: [V] float32.
 
     Printable ASCII only (others are far below), one preferred token 6 units above the rest,
     EOS preferred when eos_period divides the hash.
     """
-    g = torch.Generator().manual_seed(h)
-    x = torch.randn(VOCAB_SIZE, generator=g) - 30.0
+    x = np.random.default_rng(h).standard_normal(VOCAB_SIZE).astype(np.float32) - 30.0
     x[PRINTABLE] += 30.0
     x[EOS] += 29.0
     x[PRINTABLE[h % len(PRINTABLE)]] += 6.0
@@ -106,7 +106,7 @@ def reference_greedy(prompt: Sequence[int], steps: int, eos_period: int = 0) -> 
     tokens = list(prompt)
     out: list[int] = []
     for _ in range(steps):
-        nxt = int(torch.argmax(logits_after(context_hashes(tokens)[-1], eos_period)))
+        nxt = int(np.argmax(logits_after(context_hashes(tokens)[-1], eos_period)))
         out.append(nxt)
         if nxt == EOS:
             break
@@ -114,8 +114,8 @@ def reference_greedy(prompt: Sequence[int], steps: int, eos_period: int = 0) -> 
     return out
 
 
-class FakeRunner:
-    """A `Runner` whose "KV cache" holds each slot's context hashes.
+class FakeRunner(LogitsRunner):
+    """A `Runner` whose "KV cache" holds each slot's context hashes (sampling: the host's).
 
     `gate`: when set, each decode call first takes a permit (the test steps the engine).
     `fail_decodes`: that many next decode calls raise RuntimeError.
@@ -129,6 +129,7 @@ class FakeRunner:
         eos_period: int = 0,
         gate: threading.Semaphore | None = None,
     ) -> None:
+        super().__init__()
         self.num_slots = num_slots
         self.max_seq_len = max_seq_len
         self.vocab_size = VOCAB_SIZE
@@ -139,7 +140,9 @@ class FakeRunner:
         self.log: list[tuple[Any, ...]] = []
         self._hashes: list[list[int | None]] = [[None] * max_seq_len for _ in range(num_slots)]
 
-    def prefill(self, slot: int, tokens: Sequence[int], *, all_logits: bool = True) -> torch.Tensor:
+    def prefill_logits(
+        self, slot: int, tokens: Sequence[int], *, all_logits: bool = True
+    ) -> np.ndarray:
         assert 0 < len(tokens) <= self.max_seq_len and 0 <= slot < self.num_slots
         self.log.append(("prefill", slot, tuple(tokens)))
         hashes = context_hashes(tokens)
@@ -147,11 +150,11 @@ class FakeRunner:
         row[: len(hashes)] = hashes
         row[len(hashes) :] = [None] * (self.max_seq_len - len(hashes))
         wanted = hashes if all_logits else hashes[-1:]
-        return torch.stack([logits_after(h, self.eos_period) for h in wanted])
+        return np.stack([logits_after(h, self.eos_period) for h in wanted])
 
-    def decode(
+    def decode_logits(
         self, slots: Sequence[int], tokens: Sequence[int], positions: Sequence[int]
-    ) -> torch.Tensor:
+    ) -> np.ndarray:
         if self.gate is not None and not self.gate.acquire(timeout=20):
             raise RuntimeError("the test did not release the decode gate")
         if self.fail_decodes:
@@ -165,7 +168,7 @@ class FakeRunner:
             assert before is not None, f"slot {slot} has nothing at position {pos - 1}"
             self._hashes[slot][pos] = h = _mix(before, token)
             rows.append(logits_after(h, self.eos_period))
-        return torch.stack(rows)
+        return np.stack(rows)
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         self.log.append(("copy", src, dst, length))

@@ -12,9 +12,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-import torch
 
+from model_server.backends.host_sampling import log_softmax
 from model_server.engine.engine import Engine
+from model_server.engine.engine_servable import EngineServable
 from model_server.engine.request import (
     FinishReason,
     Request,
@@ -22,7 +23,6 @@ from model_server.engine.request import (
     RequestOutput,
     SampleOptions,
 )
-from model_server.engine.servable import EngineServable
 from model_server.engine.tokenizer import Tokenizer
 from model_server.servable import AsyncServable, StreamItem
 from sax.errors import (
@@ -97,7 +97,7 @@ def test_greedy_generate_stream_and_score_agree_with_the_reference(parts: Any) -
     hashes = context_hashes(tokens)
     n = len(tok.encode("hello"))
     direct = sum(
-        float(torch.log_softmax(logits_after(hashes[p - 1]), -1)[tokens[p]])
+        float(log_softmax(logits_after(hashes[p - 1]))[tokens[p]])
         for p in range(n, len(tokens))
     )
     assert logp == pytest.approx(direct, abs=1e-4)

@@ -1,6 +1,6 @@
 """Weight-only int8 (QUANTIZATION=int8): per-output-channel quantization, the int8 linear, and
 a quantized model close to its float32 original, with the memory the estimate predicts
-(`params/memory.py`: the layers' 2-D weights in int8, everything else in the config dtype)."""
+(`servables/memory.py`: the layers' 2-D weights in int8, everything else in the config dtype)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import math
 import pytest
 import torch
 
-from model_server.models.llama import Int8Weight, build_model
-from model_server.params.llama import LlamaConfig
+from model_server.backends.torch.quantize import Int8Weight
+from model_server.backends.torch.weights import build_model
+from servables.configs.llama import LlamaConfig
 
 TINY = LlamaConfig(
     num_layers=2,
@@ -116,10 +117,10 @@ def test_int8_model_is_close_to_float32_and_its_memory_matches_the_estimate(tied
 
 @pytest.mark.slow
 def test_smollm2_int8_greedy_tokens_stay_close(smollm2_checkpoint: str) -> None:
-    from model_server.checkpoint import open_checkpoint
-    from model_server.engine.runner import build_runner
+    from model_server.backends.torch.torch_runner import build_runner
     from model_server.engine.tokenizer import Tokenizer
-    from model_server.params import registry
+    from servables import registry
+    from servables.checkpoint import open_checkpoint
 
     base = registry.get("llama.SmolLM2_135M")
     assert isinstance(base, LlamaConfig)
@@ -137,11 +138,16 @@ def test_smollm2_int8_greedy_tokens_stay_close(smollm2_checkpoint: str) -> None:
         cfg = dataclasses.replace(config, quantization=quantization)
         runner = build_runner(cfg, ckpt.iter_tensors(), num_slots=len(prompts))
         try:
-            first = [runner.prefill(i, p, all_logits=False)[0] for i, p in enumerate(prompts)]
+            first = [
+                torch.from_numpy(runner.prefill_logits(i, p, all_logits=False))[0]
+                for i, p in enumerate(prompts)
+            ]
             out = [[int(row.argmax())] for row in first]
             for _ in range(7):
                 positions = [len(p) + len(o) - 1 for p, o in zip(prompts, out, strict=True)]
-                logits = runner.decode(range(len(prompts)), [o[-1] for o in out], positions)
+                logits = torch.from_numpy(
+                    runner.decode_logits(range(len(prompts)), [o[-1] for o in out], positions)
+                )
                 for o, row in zip(out, logits, strict=True):
                     o.append(int(row.argmax()))
             return out, torch.stack(first)

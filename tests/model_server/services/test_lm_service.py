@@ -11,10 +11,11 @@ from collections.abc import Callable, Iterator, Sequence
 import grpc
 import pytest
 
-from model_server.params.base import ServableConfig
-from model_server.servable import SamplingParams, StreamItem
+from model_server.servable import StreamItem
 from model_server.server import ModelServer
 from sax.v1 import common_pb2, lm_pb2, lm_pb2_grpc, modelet_pb2, modelet_pb2_grpc
+from servables.config import ServableConfig
+from servables.sampling_params import SamplingParams
 
 PROMPT = "Q: Who is Harry Potter's mother? A:"
 

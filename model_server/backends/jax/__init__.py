@@ -1,0 +1,1 @@
+"""The JAX backend: runner, weights, device mesh and multi-host serving."""

@@ -1,0 +1,162 @@
+"""`LogitsRunner`: the engine's `Runner` for a backend that gives logits, sampling on the host.
+
+A backend implements three calls over its KV cache (`prefill_logits`, `decode_logits`,
+`copy_slot`) and returns numpy float32 logits; this base runs a step of the scheduler's work
+with them: score requests first (log p(suffix | prefix) from the prefix + suffix logits), then
+prefills (the prompt run once into its first slot, its K/V copied to the other samples' slots,
+every sample's first token drawn from the last position), then decode batches, and samples all
+rows at once with `host_sampling`. It also holds the argument checks every backend shares.
+"""
+
+from __future__ import annotations
+
+import abc
+import bisect
+from collections.abc import Sequence
+
+import numpy as np
+
+from model_server.backends.host_sampling import SamplerState, log_softmax, sample
+from model_server.engine.runner import RunnerOutput
+from model_server.engine.scheduler import SampleKey, SchedulerOutput, ScoreWork
+from sax.errors import InvalidArgumentError
+
+
+def smallest_at_least(sorted_values: Sequence[int], n: int) -> int | None:
+    """The first value >= n of an ascending sequence; None when there is none."""
+    i = bisect.bisect_left(sorted_values, n)
+    return sorted_values[i] if i < len(sorted_values) else None
+
+
+class RunnerChecks:
+    """Argument checks shared by the runners: slots, token ids, buckets."""
+
+    num_slots: int
+    max_seq_len: int
+    vocab_size: int
+    # Prefill lengths, ascending.
+    buckets: tuple[int, ...]
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots:
+            raise InvalidArgumentError(f"slot {slot} is outside [0, {self.num_slots})")
+
+    def _check_tokens(self, tokens: Sequence[int]) -> None:
+        bad = [t for t in tokens if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidArgumentError(
+                f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})"
+            )
+
+    def _check_prefill(self, slot: int, tokens: Sequence[int]) -> int:
+        """Checks a prefill's arguments; returns its padded length."""
+        if not tokens:
+            raise InvalidArgumentError("prefill needs at least one token")
+        self._check_slot(slot)
+        self._check_tokens(tokens)
+        return self.bucket(len(tokens))
+
+    def _check_decode(
+        self, slots: Sequence[int], tokens: Sequence[int], positions: Sequence[int]
+    ) -> None:
+        n = len(slots)
+        if n == 0 or len(tokens) != n or len(positions) != n:
+            raise InvalidArgumentError(
+                f"decode needs as many tokens and positions as slots, got {n}, {len(tokens)}, "
+                f"{len(positions)}"
+            )
+        if len(set(slots)) != n:
+            raise InvalidArgumentError(f"decode slots must be distinct, got {list(slots)}")
+        for slot in slots:
+            self._check_slot(slot)
+        self._check_tokens(tokens)
+        bad = [p for p in positions if not 0 <= p < self.max_seq_len]
+        if bad:
+            raise InvalidArgumentError(
+                f"decode positions {bad[:5]} are outside a slot's [0, {self.max_seq_len})"
+            )
+
+    def bucket(self, length: int) -> int:
+        """The padded prefill length of a prompt of `length` tokens; INVALID_ARGUMENT if none."""
+        padded = smallest_at_least(self.buckets, length)
+        if padded is None:
+            raise InvalidArgumentError(
+                f"the sequence is {length} tokens, more than the {self.max_seq_len} positions of "
+                "a KV cache slot (INPUT_SEQ_LEN + MAX_DECODE_STEPS); shorten it or publish the "
+                "model with a larger INPUT_SEQ_LEN"
+            )
+        return padded
+
+
+class LogitsRunner(abc.ABC):
+    """A `Runner` over a backend's logits; subclasses set num_slots, max_seq_len, vocab_size."""
+
+    num_slots: int
+    max_seq_len: int
+    vocab_size: int
+    # Tokens a sample may pick ([V] bool); None: all. Scores always use the whole vocabulary.
+    allowed_tokens: np.ndarray | None = None
+
+    def __init__(self) -> None:
+        self._sampler_states: dict[SampleKey, SamplerState] = {}
+
+    @abc.abstractmethod
+    def prefill_logits(
+        self, slot: int, tokens: Sequence[int], *, all_logits: bool = True
+    ) -> np.ndarray:
+        """Runs the prompt into `slot` (K/V of positions [0, len(tokens))) and returns float32
+        logits [len(tokens), V], or only the last position's [1, V] when all_logits is False."""
+
+    @abc.abstractmethod
+    def decode_logits(
+        self, slots: Sequence[int], tokens: Sequence[int], positions: Sequence[int]
+    ) -> np.ndarray:
+        """One step for several slots: token i is at position positions[i] of slot slots[i]
+        and attends to that slot's positions <= positions[i]; writes its K/V and returns
+        float32 logits [len(slots), V]."""
+
+    @abc.abstractmethod
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        """Copies K/V positions [0, length) of src into dst (prefill once, sample many)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Frees the weights and the cache; the runner is not used afterwards."""
+
+    def execute(self, work: SchedulerOutput) -> RunnerOutput:
+        states = self._sampler_states
+        for key in work.released:
+            states.pop(key, None)
+        scores = {w.request_id: self.score(w) for w in work.scores}
+        keys: list[SampleKey] = []
+        rows: list[np.ndarray] = []
+        for p in work.prefills:
+            last = self.prefill_logits(p.slots[0], p.tokens, all_logits=False)  # [1, V]
+            for i, slot in enumerate(p.slots):
+                if i:
+                    self.copy_slot(p.slots[0], slot, len(p.tokens))
+                key = (p.request_id, i)
+                states[key] = SamplerState(p.samples[i], self.vocab_size, p.tokens)
+                keys.append(key)
+                rows.append(last)
+        for batch in work.decodes:
+            rows.append(self.decode_logits(batch.slots, batch.tokens, batch.positions))  # [B, V]
+            keys.extend(batch.keys)
+        if not keys:
+            return RunnerOutput(scores=scores)
+        logits = np.concatenate(rows) if len(rows) > 1 else rows[0]  # [sum B, V]
+        tokens, logp = sample(logits, [states[k] for k in keys], self.allowed_tokens)
+        return RunnerOutput(tuple(keys), tuple(tokens), tuple(logp), scores)
+
+    def score(self, work: ScoreWork) -> tuple[float, ...]:
+        """log p(suffix | prefix) of each suffix, run in the work's slot."""
+        values = []
+        n = len(work.prefix)
+        for suffix in work.suffixes:
+            if not suffix:
+                values.append(0.0)
+                continue
+            logits = self.prefill_logits(work.slot, work.prefix + suffix)  # [T, V]
+            logp = log_softmax(logits[n - 1 : n - 1 + len(suffix)])  # [S, V]
+            values.append(float(logp[np.arange(len(suffix)), list(suffix)].sum()))
+        return tuple(values)

@@ -1,0 +1,1 @@
+"""The numpy backend: runs TinyLM, the random-weight test model."""

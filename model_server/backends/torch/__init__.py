@@ -1,0 +1,1 @@
+"""The PyTorch backend: runner, sampling on the device, weight loading and quantization."""

@@ -1,0 +1,134 @@
+"""Builds the torch Llama from (canonical name, tensor) pairs: checks, placement, streaming load.
+
+The module is built on the "meta" device and each weight is placed on its device as it streams
+in (`load_weights`), so the host never holds a second full copy of the model. With several
+devices (a multi-GPU mesh) the layers are split into contiguous groups, one per device
+(pipeline placement, `place`); the embeddings live on the first, the final norm and the output
+projection on the last. After loading, the projections are fused and, with QUANTIZATION=int8,
+quantized (`quantize`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from model_server.backends.torch import quantize
+from model_server.models.llama_torch import LlamaForCausalLM
+from sax.errors import FailedPreconditionError
+from servables.configs.llama import LlamaConfig
+
+logger = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Checkpoint tensors that are not parameters here (recomputed buffers).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_MISMATCH_HINT = "check that the config name matches the checkpoint"
+
+
+def _check_config(config: LlamaConfig) -> None:
+    if config.quantization not in ("none", "int8"):
+        raise FailedPreconditionError(
+            f"the torch engine serves QUANTIZATION none or int8, not {config.quantization!r}"
+        )
+
+
+def build_model(
+    config: LlamaConfig,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    devices: Sequence[torch.device | str] = ("cpu",),
+) -> LlamaForCausalLM:
+    """The model with the checkpoint's weights, in `config.dtype`, placed on `devices` (layers
+    split between them) and fused (int8 with QUANTIZATION=int8); no KV cache yet
+    (`allocate_cache`).
+
+    tensors: (canonical name, tensor) pairs, e.g. `Checkpoint.iter_tensors()` or a HF state
+    dict's items. FAILED_PRECONDITION for an unknown, missing or misshapen tensor.
+    """
+    _check_config(config)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    place(model, [torch.device(d) for d in devices])
+    quantized: dict[str, quantize.Int8Weight] | None = {} if config.quantization == "int8" else None
+    load_weights(model, tensors, TORCH_DTYPES[config.dtype], quantized)
+    quantize.fuse(model, quantized)
+    model.eval()
+    return model
+
+
+def place(model: LlamaForCausalLM, devices: Sequence[torch.device]) -> None:
+    """Sets where the model runs: contiguous groups of layers, one group per device, in order."""
+    n = model.config.num_layers
+    model.devices = list(devices)
+    model.layer_devices = [devices[i * len(devices) // n] for i in range(n)]
+
+
+def param_device(model: LlamaForCausalLM, name: str) -> torch.device:
+    """Device of the parameter with this canonical name."""
+    if name.startswith("model.layers."):
+        return model.layer_devices[int(name.split(".")[2])]
+    if name.startswith("model.embed_tokens."):
+        return model.devices[0]
+    return model.devices[-1]
+
+
+def _lacks(missing: Sequence[str]) -> FailedPreconditionError:
+    more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+    return FailedPreconditionError(
+        f"the checkpoint lacks {len(missing)} tensors of the model: "
+        f"{', '.join(missing[:5])}{more}; {_MISMATCH_HINT}"
+    )
+
+
+def load_weights(
+    model: LlamaForCausalLM,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    dtype: torch.dtype,
+    quantized: dict[str, quantize.Int8Weight] | None = None,
+) -> None:
+    """Places each tensor on its device in dtype as it arrives, replacing the meta parameters.
+    With `quantized` (a dict to fill), the layers' linear weights are quantized to int8 as they
+    arrive and kept there instead (their parameters become None)."""
+    tied = model.config.tie_embeddings
+    params = dict(model.named_parameters())
+    if tied:
+        params.pop("lm_head.weight")
+    loaded: set[str] = set()
+    for name, tensor in tensors:
+        if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+            continue
+        param = params.get(name)
+        if param is None:
+            raise FailedPreconditionError(
+                f"the checkpoint has a tensor {name!r} that a Llama of this config does not; "
+                + _MISMATCH_HINT
+            )
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise FailedPreconditionError(
+                f"checkpoint tensor {name!r} has shape {list(tensor.shape)}, the config expects "
+                f"{list(param.shape)}; {_MISMATCH_HINT}"
+            )
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        device = param_device(model, name)
+        loaded.add(name)
+        if quantized is not None and quantize.is_layer_linear(name, tensor):
+            quantized[name] = quantize.to_int8(tensor, device, dtype)
+            module._parameters[leaf] = None
+            continue
+        value = tensor.detach().to(device=device, dtype=dtype)
+        module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise _lacks(missing)
+    if tied:
+        embed = model.model.embed_tokens.weight
+        head_device = param_device(model, "lm_head.weight")
+        weight = embed
+        if embed.device != head_device:
+            weight = nn.Parameter(embed.detach().to(head_device), requires_grad=False)
+        model.lm_head.weight = weight
+    logger.debug("loaded %d tensors onto %s", len(loaded), sorted({str(d) for d in model.devices}))

@@ -1,0 +1,414 @@
+"""A Llama decoder in PyTorch with a static KV cache: the model behind the torch runner.
+
+Parameter names and layouts are Hugging Face's (`model.layers.{i}.self_attn.q_proj.weight`,
+rotary in "rotate_half" layout), so a checkpoint with canonical names loads as is. The module
+reads only the architecture (`LlamaArch`); building it from a checkpoint, placing it over devices
+and quantizing it are the torch backend's (`model_server.backends.torch.weights`, `.quantize`).
+
+The KV cache has `num_slots` slots of `slot_len` positions per layer, `[slots, kv_heads,
+slot_len, head_dim]`. Two entry points use it: `prefill` runs one sequence into one slot
+(causal), `decode` runs one token for each of several slots, each at its own position and
+attending to its own slot's positions up to it. `forward` is a cache-free causal pass (a
+reference for tests). Shapes depend only on (batch, prompt bucket, attended-length bucket), so
+the step functions can be compiled later.
+
+Layer i runs on `layer_devices[i]` (pipeline placement over several devices), the embeddings on
+`devices[0]`, the final norm and the output projection on `devices[-1]`. A layer's projections
+run as their `nn.Linear`s, or through the served forms set on `Attention.qkv`/`.o` and
+`MLP.gate_up`/`.down` (any `Weight`: fused float matrices, int8).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, cast
+
+import torch
+from torch import nn
+from torch.nn import functional
+
+
+class LlamaArch(Protocol):
+    """The architecture the model reads (`servables.configs.llama.LlamaArchitecture` has it)."""
+
+    @property
+    def num_layers(self) -> int: ...
+    @property
+    def num_heads(self) -> int: ...
+    @property
+    def num_kv_heads(self) -> int: ...
+    @property
+    def head_dim(self) -> int: ...
+    @property
+    def model_dim(self) -> int: ...
+    @property
+    def hidden_dim(self) -> int: ...
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def rope_theta(self) -> float: ...
+    @property
+    def norm_eps(self) -> float: ...
+    @property
+    def tie_embeddings(self) -> bool: ...
+
+
+class LinearWeight(Protocol):
+    """A linear weight [N, K] served in another form than a float tensor (e.g. int8)."""
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] -> [..., N] in x's dtype."""
+        ...
+
+
+# A layer's linear weight as served: a float tensor [N, K] or another form.
+Weight = torch.Tensor | LinearWeight
+
+
+def _linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
+    if isinstance(weight, torch.Tensor):
+        return functional.linear(x, weight)
+    return weight.linear(x)
+
+
+def rope_tables(head_dim: int, theta: float, length: int, device: torch.device) -> torch.Tensor:
+    """cos and sin of every position, stacked: [2, length, head_dim] float32 (HF's layout)."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)  # [hd/2]
+    positions = torch.arange(length, dtype=torch.float32, device=device)
+    freqs = torch.outer(positions, inv_freq)  # [L, hd/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [L, hd]
+    return torch.stack((emb.cos(), emb.sin()))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [..., hd] rotated by cos/sin broadcastable to x (float32 tables, cast to x's dtype)."""
+    return x * cos.to(x.dtype) + _rotate_half(x) * sin.to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32 (as HF's LlamaRMSNorm)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused op
+            return functional.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+        # Set after loading: [gate; up] and down as served (fused float or int8).
+        self.gate_up: Weight | None = None
+        self.down: Weight | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up is None or self.down is None:
+            return self.down_proj(functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = _linear(x, self.gate_up).chunk(2, dim=-1)
+        return _linear(functional.silu(gate) * up, self.down)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with RoPE; owns its layer's KV cache."""
+
+    def __init__(self, config: LlamaArch) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        dim, hd = config.model_dim, config.head_dim
+        self.q_proj = nn.Linear(dim, self.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(dim, self.num_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(dim, self.num_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * hd, dim, bias=False)
+        self.k_cache: torch.Tensor | None = None  # [S, KV, L, hd]
+        self.v_cache: torch.Tensor | None = None
+        # Set after loading: [q; k; v] and o as served (fused float or int8).
+        self.qkv: Weight | None = None
+        self.o: Weight | None = None
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, D] -> [q; k; v] [B, T, (H + 2 KV) * hd]."""
+        if self.qkv is None:
+            return torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), dim=-1)
+        return _linear(x, self.qkv)
+
+    def _qkv(
+        self, x: torch.Tensor, rope: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, D], rope [2, B or 1, T, hd] -> q [B, H, T, hd], k and v [B, KV, T, hd]."""
+        b, t, _ = x.shape
+        h, kv = self.num_heads, self.num_kv_heads
+        qkv = self._project(x).view(b, t, h + 2 * kv, self.head_dim)
+        cos, sin = rope[0].unsqueeze(2), rope[1].unsqueeze(2)  # [B or 1, T, 1, hd]
+        qk = _apply_rope(qkv[:, :, : h + kv], cos, sin)  # q and k heads rotated at once
+        q = qk[:, :, :h].transpose(1, 2)
+        k = qk[:, :, h:].transpose(1, 2)
+        return q, k, qkv[:, :, h + kv :].transpose(1, 2)
+
+    def _o(self, x: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(x) if self.o is None else _linear(x, self.o)
+
+    def _out(self, attn: torch.Tensor) -> torch.Tensor:
+        b, _, t, _ = attn.shape  # [B, H, T, hd]
+        return self._o(attn.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        """Cache-free causal attention: x [B, T, D] -> [B, T, D]."""
+        q, k, v = self._qkv(x, rope)
+        gqa = self.num_heads != self.num_kv_heads
+        return self._out(
+            functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        )
+
+    def prefill(self, x: torch.Tensor, rope: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """x [1, T, D] at positions [0, T); writes K/V into the slot (a [1] index tensor)."""
+        assert self.k_cache is not None and self.v_cache is not None
+        q, k, v = self._qkv(x, rope)
+        t = x.shape[1]
+        self.k_cache[slot, :, :t] = k
+        self.v_cache[slot, :, :t] = v
+        gqa = self.num_heads != self.num_kv_heads
+        return self._out(
+            functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        )
+
+    def decode(
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor,
+        slots: torch.Tensor,
+        kv_rows: torch.Tensor,
+        mask: torch.Tensor,
+        first_slot: int | None = None,
+    ) -> torch.Tensor:
+        """x [B, 1, D], token i at some position of slots[i]; kv_rows [B * KV] are the rows of
+        the cache seen as [S * KV * L, hd] that the new K/V go to (`_kv_rows`); mask
+        [B, 1, 1, A] marks the attended positions [0, A) of each slot. Returns [B, 1, D].
+
+        first_slot: set when slots are first_slot, first_slot + 1, ... in order; the cache is
+        then attended in place instead of gathered."""
+        assert self.k_cache is not None and self.v_cache is not None
+        q, k, v = self._qkv(x, rope)  # [B, H, 1, hd], [B, KV, 1, hd]
+        hd = self.head_dim
+        self.k_cache.view(-1, hd).index_copy_(0, kv_rows, k[:, :, 0].reshape(-1, hd))
+        self.v_cache.view(-1, hd).index_copy_(0, kv_rows, v[:, :, 0].reshape(-1, hd))
+        span = mask.shape[-1]
+        if first_slot is not None:
+            rows = slice(first_slot, first_slot + x.shape[0])
+            keys = self.k_cache[rows, :, :span]  # [B, KV, A, hd], a view
+            values = self.v_cache[rows, :, :span]
+        else:
+            keys = self.k_cache[:, :, :span].index_select(0, slots)  # [B, KV, A, hd]
+            values = self.v_cache[:, :, :span].index_select(0, slots)
+        b = x.shape[0]
+        group = self.num_heads // self.num_kv_heads
+        # Query heads of one KV head become its query rows: no K/V repetition.
+        q = q.view(b, self.num_kv_heads, group, self.head_dim)
+        attn = functional.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask
+        )  # [B, KV, G, hd]
+        return self._o(attn.reshape(b, 1, self.num_heads * self.head_dim))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, config: LlamaArch) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.model_dim, config.norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.model_dim, config.norm_eps)
+        self.mlp = MLP(config.model_dim, config.hidden_dim)
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        return self._mlp(x + self.self_attn(self.input_layernorm(x), rope))
+
+    def prefill(self, x: torch.Tensor, rope: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        return self._mlp(x + self.self_attn.prefill(self.input_layernorm(x), rope, slot))
+
+    def decode(
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor,
+        slots: torch.Tensor,
+        kv_rows: torch.Tensor,
+        mask: torch.Tensor,
+        first_slot: int | None = None,
+    ) -> torch.Tensor:
+        h = self.self_attn.decode(self.input_layernorm(x), rope, slots, kv_rows, mask, first_slot)
+        return self._mlp(x + h)
+
+
+class LlamaModel(nn.Module):
+    """Embeddings, decoder layers and the final norm (HF's `model.` prefix)."""
+
+    def __init__(self, config: LlamaArch) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.model_dim)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.model_dim, config.norm_eps)
+
+
+class _PerDevice:
+    """Copies of small step tensors on each device the layers use, made once per step."""
+
+    def __init__(self, **tensors: torch.Tensor) -> None:
+        self._by_device: dict[torch.device, dict[str, torch.Tensor]] = {}
+        self._tensors = tensors
+
+    def on(self, device: torch.device) -> dict[str, torch.Tensor]:
+        found = self._by_device.get(device)
+        if found is None:
+            found = {k: v.to(device, non_blocking=True) for k, v in self._tensors.items()}
+            self._by_device[device] = found
+        return found
+
+
+class LlamaForCausalLM(nn.Module):
+    """The decoder and its output projection (built from a checkpoint by the torch backend)."""
+
+    def __init__(self, config: LlamaArch) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.model_dim, config.vocab_size, bias=False)
+        # Where the model runs: embeddings on the first device, final norm and output projection
+        # on the last; layer i on layer_devices[i].
+        self.devices: list[torch.device] = [torch.device("meta")]
+        self.layer_devices: list[torch.device] = [torch.device("meta")] * config.num_layers
+        self.num_slots = 0
+        self.slot_len = 0
+        self._rope: dict[torch.device, torch.Tensor] = {}
+
+    @property
+    def decoder_layers(self) -> list[DecoderLayer]:
+        """The decoder layers, typed."""
+        return cast(list[DecoderLayer], list(self.model.layers))
+
+    # KV cache.
+
+    def allocate_cache(self, num_slots: int, slot_len: int) -> None:
+        """Allocates (zeroed) KV caches of num_slots x slot_len positions and the RoPE tables."""
+        cfg = self.config
+        self.num_slots, self.slot_len = num_slots, slot_len
+        dtype = self.lm_head.weight.dtype
+        for i, layer in enumerate(self.decoder_layers):
+            attn = layer.self_attn
+            shape = (num_slots, cfg.num_kv_heads, slot_len, cfg.head_dim)
+            attn.k_cache = torch.zeros(shape, dtype=dtype, device=self.layer_devices[i])
+            attn.v_cache = torch.zeros(shape, dtype=dtype, device=self.layer_devices[i])
+        self._rope = {
+            d: rope_tables(cfg.head_dim, cfg.rope_theta, slot_len, d) for d in set(self.devices)
+        }
+
+    def free_cache(self) -> None:
+        """Drops the KV caches."""
+        for layer in self.decoder_layers:
+            layer.self_attn.k_cache = layer.self_attn.v_cache = None
+        self._rope = {}
+
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        """Copies K/V positions [0, length) of slot src into slot dst."""
+        for layer in self.decoder_layers:
+            attn = layer.self_attn
+            assert attn.k_cache is not None and attn.v_cache is not None
+            attn.k_cache[dst, :, :length] = attn.k_cache[src, :, :length]
+            attn.v_cache[dst, :, :length] = attn.v_cache[src, :, :length]
+
+    # Steps.
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [..., D] (after the norm) -> float32 logits [..., V]."""
+        return self.lm_head(hidden).float()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Cache-free causal pass: tokens [B, T] -> float32 logits [B, T, V]."""
+        t = tokens.shape[1]
+        x = self.model.embed_tokens(tokens.to(self.devices[0]))  # [B, T, D]
+        rope: dict[torch.device, torch.Tensor] = {}
+        for i, layer in enumerate(self.decoder_layers):
+            device = self.layer_devices[i]
+            if device not in rope:
+                table = rope_tables(self.config.head_dim, self.config.rope_theta, t, device)
+                rope[device] = table.unsqueeze(1)  # [2, 1, T, hd]
+            x = layer(x.to(device), rope[device])
+        return self.logits(self.model.norm(x.to(self.devices[-1])))
+
+    def prefill(self, tokens: torch.Tensor, slot: int) -> torch.Tensor:
+        """tokens [T] at positions [0, T) into slot -> final hidden states [T, D] (last device).
+
+        K/V of all T positions are written; positions past the real prompt (padding) are
+        overwritten by decode before anything attends to them.
+        """
+        t = tokens.shape[0]
+        x = self.model.embed_tokens(tokens.to(self.devices[0]))[None]  # [1, T, D]
+        per_device = _PerDevice(slot=torch.tensor([slot]))
+        for i, layer in enumerate(self.decoder_layers):
+            device = self.layer_devices[i]
+            rope = self._rope[device][:, None, :t]  # [2, 1, T, hd]
+            x = layer.prefill(x.to(device), rope, per_device.on(device)["slot"])
+        return self.model.norm(x.to(self.devices[-1]))[0]
+
+    def _kv_rows(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rows of a layer's cache seen as [S * KV * L, hd] holding (slot, kv head, position),
+        for each row's slot and position and every KV head: [B * KV], row-major (b, kv)."""
+        kv = self.config.num_kv_heads
+        heads = torch.arange(kv, device=slots.device)
+        rows = (slots[:, None] * kv + heads[None, :]) * self.slot_len + positions[:, None]
+        return rows.flatten()
+
+    def decode(
+        self,
+        tokens: torch.Tensor,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        span: int,
+        first_slot: int | None = None,
+    ) -> torch.Tensor:
+        """One token per row: tokens, slots, positions [B] (int64); each row attends to its
+        slot's positions <= its own, all of them < span. first_slot: set when slots are
+        consecutive from it (the cache is attended in place). -> final hidden states [B, D]."""
+        x = self.model.embed_tokens(tokens.to(self.devices[0]))[:, None]  # [B, 1, D]
+        mask = torch.arange(span, device=positions.device)[None, :] <= positions[:, None]
+        kv_rows = self._kv_rows(slots, positions)
+        per_device = _PerDevice(
+            slots=slots, positions=positions, kv_rows=kv_rows, mask=mask[:, None, None, :]
+        )
+        rope: dict[torch.device, torch.Tensor] = {}
+        for i, layer in enumerate(self.decoder_layers):
+            device = self.layer_devices[i]
+            step = per_device.on(device)
+            if device not in rope:
+                table = self._rope[device].index_select(1, step["positions"])  # [2, B, hd]
+                rope[device] = table[:, :, None]  # [2, B, 1, hd]
+            x = layer.decode(
+                x.to(device),
+                rope[device],
+                step["slots"],
+                step["kv_rows"],
+                step["mask"],
+                first_slot,
+            )
+        return self.model.norm(x.to(self.devices[-1]))[:, 0]

@@ -1,1 +1,0 @@
-"""Registered servable configs. Import-light: no torch or JAX at import."""

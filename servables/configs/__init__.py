@@ -1,0 +1,1 @@
+"""Registered servable configs, one module per family; found by `servables.registry`."""

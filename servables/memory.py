@@ -1,0 +1,166 @@
+"""Memory arithmetic of Llama-style models: weight bytes, KV cache, activations, largest layer.
+
+The one place these figures are computed, from an architecture's tensor shapes and KV cache size
+(`servables.config.Architecture`, e.g. `LlamaArchitecture`): `LlamaConfig.memory_bytes()`,
+`saxutil estimate` and the admin's placement all use `estimate_llama` / `estimate_memory`.
+Import-light (no torch).
+
+Conventions:
+- dtype is the compute dtype ("float32", "bfloat16", "float16"); the KV cache is kept in it.
+- quantization "int8": a decoder layer's 2-D weights take one byte per value plus a compute-dtype
+  scale per output row; embeddings, LM head and norms stay in the compute dtype.
+- KV cache per token: 2 (K and V) x layers x KV heads x head dim x dtype size.
+- activations: the largest prefill's float32 logits and MLP activations,
+  seq_len x (4 x vocab + 3 x hidden_dim x dtype size).
+- total = weights + KV cache (batch x seq_len positions) + activations.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sax.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from servables.config import Architecture, ServableConfig
+
+DTYPE_BYTES: Mapping[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
+QUANTIZATIONS = ("none", "int8")
+_LAYER_RE = re.compile(r"^(model\.layers\.\d+)\.")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Memory of one replica in bytes."""
+
+    dtype: str
+    quantization: str
+    # The largest block loaded at once: one decoder layer, the embedding or the LM head.
+    largest_layer: str
+    largest_layer_bytes: int
+    weight_bytes: int
+    kv_bytes_per_token: int
+    batch_size: int
+    # Positions per sequence: input_seq_len + max_decode_steps.
+    seq_len: int
+    # KV cache of batch_size sequences of seq_len positions.
+    kv_cache_bytes: int
+    # Working memory of the largest prefill (seq_len positions): float32 logits and the MLP
+    # activations.
+    activation_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        """Weights + KV cache + activations: what the replica needs."""
+        return self.weight_bytes + self.kv_cache_bytes + self.activation_bytes
+
+    def fits(self, device_memory: int) -> bool:
+        """Whether the replica fits in device_memory bytes."""
+        return self.total_bytes <= device_memory
+
+
+def dtype_bytes(dtype: str) -> int:
+    """Bytes per value of a compute dtype; INVALID_ARGUMENT if unknown."""
+    try:
+        return DTYPE_BYTES[dtype]
+    except KeyError:
+        raise InvalidArgumentError(
+            f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_BYTES)}"
+        ) from None
+
+
+def layer_of(name: str) -> str:
+    """The block a tensor belongs to: "model.layers.3" for a decoder-layer tensor, else the
+    tensor's own name without ".weight"."""
+    match = _LAYER_RE.match(name)
+    return match.group(1) if match else name.removesuffix(".weight")
+
+
+def tensor_bytes(name: str, shape: Sequence[int], dtype: str, quantization: str = "none") -> int:
+    """Bytes of one weight tensor as served. With int8, a decoder layer's 2-D weights take one
+    byte per value plus a `dtype` scale per output row; everything else stays in dtype."""
+    if quantization not in QUANTIZATIONS:
+        raise InvalidArgumentError(
+            f"unknown quantization {quantization!r}; use one of {', '.join(QUANTIZATIONS)}"
+        )
+    count, size = math.prod(shape), dtype_bytes(dtype)
+    if quantization == "int8" and len(shape) == 2 and _LAYER_RE.match(name):
+        return count + int(shape[0]) * size
+    return count * size
+
+
+def estimate_memory(
+    arch: Architecture,
+    *,
+    dtype: str,
+    quantization: str = "none",
+    batch_size: int = 1,
+    seq_len: int = 0,
+    tensor_shapes: Mapping[str, Sequence[int]] | None = None,
+) -> MemoryEstimate:
+    """The estimate of a model of this architecture (e.g. a `LlamaArchitecture`) serving
+    batch_size sequences of seq_len positions. tensor_shapes (default: `arch.tensor_shapes()`)
+    may come from a checkpoint."""
+    shapes = arch.tensor_shapes() if tensor_shapes is None else tensor_shapes
+    layers: dict[str, int] = {}
+    for name, dims in shapes.items():
+        key = layer_of(name)
+        layers[key] = layers.get(key, 0) + tensor_bytes(name, dims, dtype, quantization)
+    largest = max(layers, key=layers.__getitem__, default="")  # the first of equals
+    per_token, size = arch.kv_bytes_per_token(dtype), dtype_bytes(dtype)
+    return MemoryEstimate(
+        dtype=dtype,
+        quantization=quantization,
+        largest_layer=largest,
+        largest_layer_bytes=layers.get(largest, 0),
+        weight_bytes=sum(layers.values()),
+        kv_bytes_per_token=per_token,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        kv_cache_bytes=per_token * batch_size * seq_len,
+        activation_bytes=seq_len * (4 * arch.vocab_size + 3 * arch.hidden_dim * size),
+    )
+
+
+def estimate_llama(
+    config: ServableConfig,
+    *,
+    dtype: str | None = None,
+    quantization: str | None = None,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+) -> MemoryEstimate:
+    """The estimate of a servable config with an architecture (a `LlamaConfig`).
+
+    dtype, quantization, batch_size and seq_len default to the config's dtype, quantization,
+    max(batch_sizes) and input_seq_len + max_decode_steps. With the defaults, weight_bytes,
+    kv_bytes_per_token and total_bytes are `LlamaConfig.weight_bytes()`,
+    `kv_cache_bytes_per_token()` and `memory_bytes()` (without a `ram` override).
+    INVALID_ARGUMENT for a config without an architecture (test mode).
+    """
+    arch = config.architecture()
+    if arch is None:
+        raise InvalidArgumentError(
+            f"{type(config).__name__} is not a Llama config (it has no architecture); use a "
+            "llama.* config"
+        )
+    return estimate_memory(
+        arch,
+        dtype=dtype or config.dtype,
+        quantization=quantization or config.quantization,
+        batch_size=max(config.batch_sizes) if batch_size is None else batch_size,
+        seq_len=config.input_seq_len + config.max_decode_steps if seq_len is None else seq_len,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    # The former name of `servables.configs.llama.LlamaArchitecture`, for callers not moved yet.
+    if name == "LlamaShape":
+        from servables.configs.llama import LlamaArchitecture
+
+        return LlamaArchitecture
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

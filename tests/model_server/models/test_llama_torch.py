@@ -1,0 +1,176 @@
+"""The torch Llama against transformers' LlamaForCausalLM with the same random weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from model_server.backends.torch.weights import build_model, load_weights, param_device, place
+from model_server.models.llama_torch import LlamaForCausalLM
+from sax.errors import FailedPreconditionError
+from servables.configs.llama import LlamaConfig
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+TINY = LlamaConfig(
+    num_layers=3,
+    num_heads=8,
+    num_kv_heads=2,
+    model_dim=64,
+    hidden_dim=96,
+    vocab_size=257,
+    rope_theta=5000.0,
+    norm_eps=1e-5,
+    tie_embeddings=False,
+    max_seq_len=256,
+    dtype="float32",
+    batch_sizes=(1, 2, 4),
+    bucket_keys=(8, 16),
+    input_seq_len=32,
+    max_decode_steps=16,
+)
+
+
+def hf_model(config: LlamaConfig, seed: int = 0) -> torch.nn.Module:
+    """transformers' Llama with random weights, for the same architecture."""
+    torch.manual_seed(seed)
+    hf_config = transformers.LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.model_dim,
+        intermediate_size=config.hidden_dim,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        rope_theta=config.rope_theta,
+        rms_norm_eps=config.norm_eps,
+        tie_word_embeddings=config.tie_embeddings,
+        max_position_embeddings=config.max_seq_len,
+    )
+    model = transformers.LlamaForCausalLM(hf_config).eval()
+    with torch.no_grad():  # non-trivial norm weights, so a missed norm shows
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def hf_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(tokens).logits.float()  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        TINY,
+        dataclasses.replace(TINY, tie_embeddings=True),
+        dataclasses.replace(TINY, num_kv_heads=8),  # multi-head attention
+        dataclasses.replace(TINY, num_kv_heads=1),  # multi-query attention
+    ],
+    ids=["gqa-untied", "gqa-tied", "mha", "mqa"],
+)
+def test_forward_matches_transformers(config: LlamaConfig) -> None:
+    hf = hf_model(config)
+    model = build_model(config, hf.state_dict().items())
+    tokens = torch.randint(
+        0, config.vocab_size, (2, 21), generator=torch.Generator().manual_seed(1)
+    )
+    with torch.inference_mode():
+        ours = model(tokens)
+    torch.testing.assert_close(ours, hf_logits(hf, tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_and_decode_match_transformers() -> None:
+    hf = hf_model(TINY)
+    model = build_model(TINY, hf.state_dict().items())
+    tokens = torch.randint(0, TINY.vocab_size, (1, 24), generator=torch.Generator().manual_seed(2))
+    ref = hf_logits(hf, tokens)[0]  # [T, V]
+    with torch.inference_mode():
+        model.allocate_cache(num_slots=3, slot_len=TINY.slot_len)
+        hidden = model.prefill(tokens[0, :16], slot=1)
+        torch.testing.assert_close(model.logits(hidden), ref[:16], atol=1e-5, rtol=1e-5)
+        for pos in range(16, 24):
+            one = torch.tensor([pos])
+            hidden = model.decode(tokens[0, pos : pos + 1], torch.tensor([1]), one, span=32)
+            torch.testing.assert_close(model.logits(hidden)[0], ref[pos], atol=1e-5, rtol=1e-5)
+
+
+def test_tied_output_projection_shares_the_embedding() -> None:
+    config = dataclasses.replace(TINY, tie_embeddings=True)
+    state = hf_model(config).state_dict()
+    state.pop("lm_head.weight", None)
+    model = build_model(config, state.items())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def _stream(state: dict[str, torch.Tensor], seen: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, tensor in state.items():
+        seen.append(name)
+        yield name, tensor
+
+
+def test_weights_are_placed_as_they_stream_without_copies() -> None:
+    state = {k: v.clone() for k, v in hf_model(TINY).state_dict().items()}
+    seen: list[str] = []
+    with torch.device("meta"):
+        model = LlamaForCausalLM(TINY)
+    place(model, [torch.device("cpu")])
+    load_weights(model, _stream(state, seen), torch.float32)  # before fusing and packing
+    assert seen == list(state)
+    assert not any(p.is_meta for p in model.parameters())
+    assert not any(p.requires_grad for p in model.parameters())
+    # Same device and dtype: the streamed tensor itself becomes the parameter.
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert model.get_parameter(q).data_ptr() == state[q].data_ptr()
+
+
+def test_weights_are_cast_to_the_config_dtype() -> None:
+    config = dataclasses.replace(TINY, dtype="bfloat16")
+    hf = hf_model(config)
+    model = build_model(config, hf.state_dict().items())
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    tokens = torch.randint(
+        0, config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3)
+    )
+    with torch.inference_mode():
+        ours = model(tokens)
+    assert ours.dtype == torch.float32
+    # bfloat16 weights: close to the float32 reference, not equal.
+    assert (ours - hf_logits(hf, tokens)).abs().max() < 0.1
+
+
+def test_bad_checkpoints_are_refused_with_the_tensor_name() -> None:
+    state = hf_model(TINY).state_dict()
+    missing = {k: v for k, v in state.items() if k != "model.norm.weight"}
+    with pytest.raises(FailedPreconditionError, match=r"lacks 1 tensors.*model\.norm\.weight"):
+        build_model(TINY, missing.items())
+    extra = {**state, "model.layers.9.mlp.up_proj.weight": state["model.norm.weight"]}
+    with pytest.raises(FailedPreconditionError, match=r"model\.layers\.9\.mlp\.up_proj\.weight"):
+        build_model(TINY, extra.items())
+    small = dataclasses.replace(TINY, hidden_dim=32)
+    with pytest.raises(FailedPreconditionError, match=r"gate_proj.weight.*shape \[96, 64\]"):
+        build_model(small, state.items())
+    int4 = dataclasses.replace(TINY, quantization="int4")
+    with pytest.raises(FailedPreconditionError, match="QUANTIZATION"):
+        build_model(int4, state.items())
+
+
+def test_rotary_inv_freq_buffers_are_ignored() -> None:
+    state = dict(hf_model(TINY).state_dict())
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+    assert isinstance(build_model(TINY, state.items()), LlamaForCausalLM)
+
+
+def test_layers_split_over_devices_in_contiguous_groups() -> None:
+    model = build_model(TINY, hf_model(TINY).state_dict().items())
+    place(model, [torch.device("cuda", i) for i in range(2)])  # placement arithmetic only
+    assert [d.index for d in model.layer_devices] == [0, 0, 1]
+    assert param_device(model, "model.embed_tokens.weight").index == 0
+    assert param_device(model, "model.layers.2.mlp.up_proj.weight").index == 1
+    assert param_device(model, "model.norm.weight").index == 1
+    assert param_device(model, "lm_head.weight").index == 1

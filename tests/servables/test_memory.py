@@ -1,0 +1,88 @@
+"""The memory arithmetic shared by the configs, `saxutil estimate` and placement."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+from sax.errors import InvalidArgumentError
+from servables import registry
+from servables.configs.llama import LlamaArchitecture
+from servables.memory import estimate_llama, estimate_memory, tensor_bytes
+
+LLAMA_NAMES = [n for n in registry.names() if n.startswith("llama.")]
+
+
+@pytest.mark.parametrize("name", LLAMA_NAMES)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("quantization", ["none", "int8"])
+def test_estimate_matches_the_config_methods(name: str, dtype: str, quantization: str) -> None:
+    config = dataclasses.replace(registry.get(name), dtype=dtype, quantization=quantization)
+    e = estimate_llama(config)
+    assert e.weight_bytes == config.weight_bytes()
+    assert e.kv_bytes_per_token == config.kv_cache_bytes_per_token()
+    assert e.total_bytes == config.memory_bytes()
+    arch = config.architecture()
+    assert sum(math.prod(s) for s in arch.tensor_shapes().values()) == config.num_params()
+    assert arch.kv_bytes_per_token(dtype) == e.kv_bytes_per_token
+
+
+def test_smollm2_figures() -> None:
+    config = registry.get("llama.SmolLM2_135M")
+    e = estimate_llama(config, dtype="bfloat16", batch_size=2, seq_len=100)
+    assert e.largest_layer == "model.embed_tokens"
+    assert e.largest_layer_bytes == 49152 * 576 * 2
+    assert e.kv_bytes_per_token == 2 * 30 * 3 * 64 * 2
+    assert e.kv_cache_bytes == e.kv_bytes_per_token * 200
+    assert e.activation_bytes == 100 * (4 * 49152 + 3 * 1536 * 2)
+    assert e.fits(e.total_bytes) and not e.fits(e.total_bytes - 1)
+
+
+def test_llama2_7b_weights() -> None:
+    e = estimate_llama(registry.get("llama.LLaMA7BFP16"))
+    assert e.weight_bytes == 6_738_415_616 * 2  # Llama 2 7B's parameter count, bfloat16
+    assert e.largest_layer == "model.layers.0"
+
+
+def test_int8_quantizes_only_decoder_layer_matrices() -> None:
+    assert tensor_bytes("model.layers.0.mlp.up_proj.weight", (8, 4), "bfloat16", "int8") == 32 + 16
+    assert tensor_bytes("model.embed_tokens.weight", (8, 4), "bfloat16", "int8") == 64
+    assert tensor_bytes("model.layers.0.input_layernorm.weight", (4,), "float32", "int8") == 16
+
+
+def test_shape_from_hf_config_and_checkpoint_shapes() -> None:
+    hf = {
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "vocab_size": 100,
+    }
+    shape = LlamaArchitecture.from_hf_config(hf)
+    assert shape.num_kv_heads == 4 and not shape.tie_embeddings
+    assert (shape.head_dim, shape.rope_theta, shape.norm_eps, shape.max_seq_len) == (
+        8,
+        10000.0,
+        1e-6,
+        2048,
+    )  # transformers' LlamaConfig defaults
+    shapes = shape.tensor_shapes()
+    assert shapes["lm_head.weight"] == (100, 32)
+    assert shapes["model.layers.1.self_attn.k_proj.weight"] == (32, 32)
+    doubled = {n: (2 * s[0], *s[1:]) for n, s in shapes.items()}
+    e = estimate_memory(shape, dtype="float32", tensor_shapes=doubled)
+    assert e.weight_bytes == 2 * estimate_memory(shape, dtype="float32").weight_bytes
+
+
+def test_refusals() -> None:
+    with pytest.raises(InvalidArgumentError, match="not a Llama config"):
+        estimate_llama(registry.get("test.TinyLM"))
+    with pytest.raises(InvalidArgumentError, match="num_hidden_layers"):
+        LlamaArchitecture.from_hf_config({"hidden_size": 4})
+    shape = LlamaArchitecture(1, 1, 1, 4, 8, 10, tie_embeddings=True)
+    with pytest.raises(InvalidArgumentError, match="unknown dtype"):
+        estimate_memory(shape, dtype="int4")
+    with pytest.raises(InvalidArgumentError, match="unknown quantization"):
+        estimate_memory(shape, dtype="float32", quantization="fp8")

@@ -1,0 +1,1 @@
+"""Offline tools: checkpoint conversion (GGUF, Hugging Face, Meta) and memory estimation."""
