@@ -21,7 +21,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sax.errors import InvalidArgumentError
 
@@ -155,12 +155,3 @@ def estimate_llama(
         batch_size=max(config.batch_sizes) if batch_size is None else batch_size,
         seq_len=config.input_seq_len + config.max_decode_steps if seq_len is None else seq_len,
     )
-
-
-def __getattr__(name: str) -> Any:
-    # The former name of `servables.configs.llama.LlamaArchitecture`, for callers not moved yet.
-    if name == "LlamaShape":
-        from servables.configs.llama import LlamaArchitecture
-
-        return LlamaArchitecture
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -179,7 +179,8 @@ def estimates(
     """(what was estimated, [MemoryEstimate per ESTIMATE_ROWS]) for a registered config name or
     a checkpoint path. A checkpoint has no serving shape: batch_size defaults to 1 and seq_len to
     the model's max_position_embeddings."""
-    from servables.memory import LlamaShape, estimate_llama, estimate_memory
+    from servables.configs.llama import LlamaArchitecture
+    from servables.memory import estimate_llama, estimate_memory
 
     if not _is_checkpoint_path(target):
         from servables import registry
@@ -193,7 +194,7 @@ def estimates(
     from servables.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(target)
-    shape = LlamaShape.from_hf_config(ckpt.config)
+    shape = LlamaArchitecture.from_hf_config(ckpt.config)
     shapes = {name: dims for name, (_, dims) in ckpt.tensor_info().items()}
     seq = seq_len if seq_len is not None else int(ckpt.config.get("max_position_embeddings", 0))
     rows = [

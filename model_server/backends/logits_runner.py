@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import bisect
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -34,7 +35,8 @@ class RunnerChecks:
     num_slots: int
     max_seq_len: int
     vocab_size: int
-    # Prefill lengths, ascending.
+    # Decode batch sizes and prefill lengths, ascending.
+    batch_sizes: tuple[int, ...]
     buckets: tuple[int, ...]
 
     def _check_slot(self, slot: int) -> None:
@@ -47,6 +49,16 @@ class RunnerChecks:
             raise InvalidArgumentError(
                 f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})"
             )
+
+    def _set_shapes(self, config: Any, num_slots: int) -> None:
+        """Slots, slot length, vocabulary, batch sizes and prefill buckets of a Llama-style
+        config (the padded shapes a backend compiles for)."""
+        self.num_slots = num_slots
+        self.max_seq_len = config.slot_len
+        self.vocab_size = config.vocab_size
+        self.batch_sizes = tuple(sorted(set(config.batch_sizes)))
+        keys = config.bucket_keys or (config.input_seq_len,)
+        self.buckets = tuple(sorted({k for k in keys if k < self.max_seq_len} | {self.max_seq_len}))
 
     def _check_prefill(self, slot: int, tokens: Sequence[int]) -> int:
         """Checks a prefill's arguments; returns its padded length."""

@@ -37,13 +37,13 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 @pytest.fixture
 def hf_folder(tmp_path: pathlib.Path) -> pathlib.Path:
     """A random Hugging Face Llama folder written with safetensors alone (no transformers)."""
-    from servables.memory import LlamaShape
+    from servables.configs.llama import LlamaArchitecture
 
     folder = tmp_path / "hf"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(ARCH))
     rng = np.random.default_rng(0)
-    shapes = LlamaShape.from_hf_config(ARCH).tensor_shapes()
+    shapes = LlamaArchitecture.from_hf_config(ARCH).tensor_shapes()
     save_file(
         {n: rng.standard_normal(s, dtype=np.float32) for n, s in shapes.items()},
         str(folder / "model.safetensors"),
@@ -123,7 +123,8 @@ def test_the_commands_are_entry_points_of_saxutil(capsys: pytest.CaptureFixture[
 def test_estimate_a_checkpoint(
     hf_folder: pathlib.Path, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from servables.memory import LlamaShape, estimate_memory
+    from servables.configs.llama import LlamaArchitecture
+    from servables.memory import estimate_memory
 
     ckpt = str(tmp_path / "c")
     assert run(capsys, "convert", "--from", "hf", "--quiet", str(hf_folder), ckpt)[0] == 0
@@ -133,7 +134,7 @@ def test_estimate_a_checkpoint(
     assert report["device_memory"] == 200_000
     rows = {r["dtype"]: r for r in report["rows"]}
     assert list(rows) == ["float32", "bfloat16", "int8"]
-    shape = LlamaShape.from_hf_config(ARCH)
+    shape = LlamaArchitecture.from_hf_config(ARCH)
     expected = estimate_memory(shape, dtype="float32", batch_size=1, seq_len=128)
     f32 = rows["float32"]
     assert (

@@ -56,12 +56,7 @@ class JaxRunner(RunnerChecks, LogitsRunner):
         self.config = config
         self.mesh = mesh
         self.layout = layout
-        self.num_slots = num_slots
-        self.max_seq_len = config.slot_len
-        self.vocab_size = config.vocab_size
-        self.batch_sizes = tuple(sorted(set(config.batch_sizes)))
-        keys = config.bucket_keys or (config.input_seq_len,)
-        self.buckets = tuple(sorted({k for k in keys if k < self.max_seq_len} | {self.max_seq_len}))
+        self._set_shapes(config, num_slots)
         self._scratch = num_slots  # the extra slot that padding rows and warm-up write to
         self._lock = threading.Lock()
         self._leader: multihost.Leader | None = None

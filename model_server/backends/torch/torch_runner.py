@@ -60,12 +60,7 @@ class TorchRunner(RunnerChecks, LogitsRunner):
     def __init__(self, config: LlamaConfig, model: LlamaForCausalLM, num_slots: int) -> None:
         super().__init__()
         self.config = config
-        self.num_slots = num_slots
-        self.max_seq_len = config.slot_len
-        self.vocab_size = config.vocab_size
-        self.batch_sizes = tuple(sorted(set(config.batch_sizes)))
-        keys = config.bucket_keys or (config.input_seq_len,)
-        self.buckets = tuple(sorted({k for k in keys if k < self.max_seq_len} | {self.max_seq_len}))
+        self._set_shapes(config, num_slots)
         self.spans = (*range(SPAN_STEP, self.max_seq_len, SPAN_STEP), self.max_seq_len)
         self._model: LlamaForCausalLM | None = model
         self._lock = threading.Lock()
