@@ -12,7 +12,9 @@ import sys
 from admin_server.config import AdminConfig
 from admin_server.metrics import AdminMetrics
 from admin_server.server import AdminServer
+from sax.cli.common import from_flags
 from sax.errors import SaxError
+from sax.logs import add_log_level_flag, configure_logging
 
 logger = logging.getLogger("admin_server")
 
@@ -96,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
         help="largest clock difference assumed between admins (lease_s must exceed twice it)",
     )
     p.add_argument("--metrics_port", type=int, default=0, help="Prometheus /metrics port; 0: off")
-    p.add_argument("--log_level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    add_log_level_flag(p)
     return p
 
 
@@ -122,30 +124,11 @@ async def _serve(config: AdminConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.log_level)
     if not args.sax_root:
         print("admin_server: no sax_root: pass --sax_root=PATH or set SAX_ROOT", file=sys.stderr)
         return 2
-    config = AdminConfig(
-        sax_cell=args.sax_cell,
-        sax_root=args.sax_root,
-        port=args.port,
-        host=args.host,
-        advertise_host=args.advertise_host,
-        poll_period_s=args.poll_period_s,
-        poll_timeout_s=args.poll_timeout_s,
-        dead_after_s=args.dead_after_s,
-        adopt_grace_s=args.adopt_grace_s,
-        max_load_failures=args.max_load_failures,
-        metrics_port=args.metrics_port,
-        lease_s=args.lease_s,
-        lease_renew_s=args.lease_renew_s,
-        standby_poll_s=args.standby_poll_s,
-        clock_skew_s=args.clock_skew_s,
-    )
+    config = from_flags(AdminConfig, args)
     try:
         asyncio.run(_serve(config))
     except SaxError as e:

@@ -40,7 +40,7 @@ from sax.naming import CellName, parse_model
 from sax.storage import Store, join
 from sax.v1 import admin_pb2
 from servables import registry
-from servables.config import ServableConfig, apply_overrides
+from servables.servable_config import ServableConfig, apply_overrides
 
 logger = logging.getLogger(__name__)
 

@@ -53,7 +53,7 @@ from typing import Any
 import torch
 
 from benchmarks.serving import loadgen, report, roofline, systems, workload
-from benchmarks.serving.metrics import aggregate
+from benchmarks.serving.request_stats import aggregate
 
 logger = logging.getLogger("serve")
 
@@ -253,7 +253,7 @@ class Bench:
 
     def grpc(self) -> None:
         import sax
-        from benchmarks.serving.cell import LocalCell
+        from benchmarks.serving.local_cell import LocalCell
 
         with tempfile.TemporaryDirectory(prefix="sax-bench-") as tmp:
             cell = LocalCell(Path(tmp))
@@ -294,7 +294,7 @@ class Bench:
         """Our servable in this process, with the load phases timed."""
         from model_server.loader import build_servable
         from servables import registry
-        from servables.config import apply_overrides
+        from servables.servable_config import apply_overrides
 
         overrides = {**overrides_for(self.plan), "QUANTIZATION": json.dumps(quantization)}
         config = apply_overrides(registry.get(MODEL), overrides)
@@ -362,7 +362,7 @@ class Bench:
 
     def finish(self) -> str:
         import servables.registry as registry
-        from servables.config import apply_overrides
+        from servables.servable_config import apply_overrides
 
         config = apply_overrides(registry.get(MODEL), overrides_for(self.plan))
         bw = self.data.get("bandwidth", {}).get("read_gb_s")

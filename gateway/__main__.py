@@ -19,7 +19,9 @@ import sys
 from collections.abc import Sequence
 
 from gateway.config import DEFAULT_PORT, GatewaySettings
+from sax.cli.common import from_flags
 from sax.errors import SaxError
+from sax.logs import add_log_level_flag, configure_logging
 from sax.storage import resolve_sax_root
 
 logger = logging.getLogger("gateway")
@@ -58,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
         default=defaults.max_concurrent_calls,
         help="Generate calls in flight at once; more are answered 429",
     )
-    p.add_argument("--log_level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    add_log_level_flag(p)
     return p
 
 
@@ -67,19 +69,9 @@ def parse_settings(argv: Sequence[str] | None = None) -> tuple[GatewaySettings, 
     the log level."""
     parser = _parser()
     args = parser.parse_args(argv)
-    level = args.log_level.upper()
-    if not isinstance(logging.getLevelName(level), int):
-        parser.error(f"--log_level {args.log_level!r} is not a level name")
+    level = args.log_level
     try:
-        settings = GatewaySettings(
-            host=args.host,
-            port=args.port,
-            sax_root=args.sax_root,
-            sax_cell=args.sax_cell,
-            timeout=args.timeout,
-            admin_timeout=args.admin_timeout,
-            max_concurrent_calls=args.max_concurrent_calls,
-        )
+        settings = from_flags(GatewaySettings, args)
     except SaxError as e:
         parser.error(str(e))
     return settings, level
@@ -101,7 +93,7 @@ def _exit_cleanly(signum: int, frame: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the gateway until SIGTERM or SIGINT."""
     settings, level = parse_settings(argv)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(level)
     import uvicorn
 
     from gateway.app import create_app

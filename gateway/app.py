@@ -21,10 +21,10 @@ from fastapi.responses import JSONResponse, Response
 
 import sax
 from gateway import openai_api, sax_http
+from gateway.app_state import GatewayState
 from gateway.config import GatewaySettings
-from gateway.errors import install_error_handlers
+from gateway.http_errors import install_error_handlers
 from gateway.metrics import CONTENT_TYPE, MetricsMiddleware
-from gateway.state import GatewayState
 from sax.errors import InvalidArgumentError, NotFoundError, SaxError
 
 logger = logging.getLogger(__name__)

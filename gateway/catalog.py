@@ -25,8 +25,8 @@ import sax
 from sax.errors import DeadlineExceededError, SaxError, UnavailableError
 from sax.naming import parse_cell, parse_model
 from servables.chat_template import PLAIN, ChatTemplate, load_chat_template
-from servables.config import ServableConfig, apply_overrides
 from servables.registry import get as get_config
+from servables.servable_config import ServableConfig, apply_overrides
 
 logger = logging.getLogger(__name__)
 

@@ -37,11 +37,11 @@ from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 import sax
+from gateway.app_state import GatewayState
 from gateway.calls import Call, Reservation, Streams
 from gateway.catalog import MAX_DECODE_STEPS, ModelInfo
-from gateway.errors import http_status, openai_error_body
+from gateway.http_errors import http_status, openai_error_body
 from gateway.openai_schemas import ChatRequest, CompletionRequest, SamplingRequest
-from gateway.state import GatewayState
 from sax.errors import InvalidArgumentError, SaxError
 
 logger = logging.getLogger(__name__)

@@ -14,7 +14,7 @@
 
 The GET routes take their fields from a JSON body, as ai-on-gke's do, or from the query string.
 Bodies are read as JSON whatever their content type. Differences from ai-on-gke: errors get their
-own status (400, 404, 409, 429, 503, ...; see `gateway.errors`) with `{"detail": "..."}`, not
+own status (400, 404, 409, 429, 503, ...; see `gateway.http_errors`) with `{"detail": "..."}`, not
 always 500; `/generate` sends only the extra inputs the request gives (the model's defaults
 apply to the rest) instead of always adding temperature 0.5, 128 decode steps, top_k 200 and
 top_p 0.95; extra inputs may be numbers, lists of numbers (tensors) or strings; and Saxml's
@@ -32,8 +32,8 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationError
 
 import sax
+from gateway.app_state import GatewayState
 from gateway.calls import Call
-from gateway.state import GatewayState
 from sax.errors import InvalidArgumentError
 from sax.naming import parse_model
 

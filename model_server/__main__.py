@@ -25,7 +25,9 @@ import sys
 from collections.abc import Sequence
 
 from model_server.config import ModelServerConfig
+from sax.cli.common import from_flags
 from sax.errors import InvalidArgumentError, SaxError
+from sax.logs import add_log_level_flag, configure_logging
 from sax.naming import parse_cell
 from sax.storage import resolve_sax_root
 from servables import platform
@@ -78,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
         default=ModelServerConfig.stall_timeout_s,
         help="NOT_SERVING when requests run but no token comes out for this long; 0: never",
     )
-    p.add_argument("--log_level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    add_log_level_flag(p)
     # JAX backend and multi-process serving (docs/jax.md).
     p.add_argument(
         "--backend", default="", help="engine of Llama configs: torch or jax; default jax on TPUs"
@@ -103,9 +105,7 @@ def parse_config(argv: Sequence[str] | None = None) -> tuple[ModelServerConfig, 
     the log level."""
     parser = _parser()
     args = parser.parse_args(argv)
-    level = args.log_level.upper()
-    if not isinstance(logging.getLevelName(level), int):
-        parser.error(f"--log_level: unknown level {args.log_level!r}")
+    level = args.log_level
     if not 0 <= args.port < 65536:
         parser.error(f"--port must be in [0, 65535], got {args.port}")
     if args.join_period_s <= 0 or args.shutdown_grace_s < 0 or args.memory_bytes < 0:
@@ -132,26 +132,13 @@ def parse_config(argv: Sequence[str] | None = None) -> tuple[ModelServerConfig, 
             sax_root = resolve_sax_root(args.sax_root or None)
     except SaxError as e:
         parser.error(str(e))
-    config = ModelServerConfig(
-        host=args.host,
-        port=args.port,
-        advertise_host=args.advertise_host,
+    config = from_flags(
+        ModelServerConfig,
+        args,
         chip=chip,
         topology=args.platform_topology,
-        memory_bytes=args.memory_bytes,
         tags=tuple(t.strip() for t in args.tags.split(",") if t.strip()),
-        sax_cell=args.sax_cell,
         sax_root=sax_root,
-        join_period_s=args.join_period_s,
-        shutdown_grace_s=args.shutdown_grace_s,
-        backend=args.backend,
-        jax_cache_dir=args.jax_cache_dir,
-        jax_coordinator=args.jax_coordinator,
-        jax_num_processes=args.jax_num_processes,
-        jax_process_id=args.jax_process_id,
-        jax_control_port=args.jax_control_port,
-        metrics_port=args.metrics_port,
-        stall_timeout_s=args.stall_timeout_s,
     )
     return config, level
 
@@ -174,9 +161,7 @@ async def serve(config: ModelServerConfig) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     config, level = parse_config(argv)
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    configure_logging(level)
     try:
         if config.jax_coordinator and config.resolved_backend() != "jax":
             raise InvalidArgumentError("--jax_coordinator needs --backend=jax")

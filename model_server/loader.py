@@ -18,8 +18,8 @@ from model_server.engine.runner import Runner
 from sax.errors import FailedPreconditionError
 from servables import platform
 from servables.checkpoint import Checkpoint, open_checkpoint
-from servables.config import ServableConfig
-from servables.config import check_checkpoint as check_architecture
+from servables.servable_config import ServableConfig
+from servables.servable_config import check_checkpoint as check_architecture
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from sax.errors import (
 )
 from sax.v1 import common_pb2
 from servables import registry
-from servables.config import ServableConfig, apply_overrides
+from servables.servable_config import ServableConfig, apply_overrides
 
 logger = logging.getLogger(__name__)
 

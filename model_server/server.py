@@ -31,8 +31,8 @@ from model_server.config import ModelServerConfig, host_port
 from model_server.loader import build_servable
 from model_server.metrics import ModelSample, ModelServerMetrics
 from model_server.model_manager import Builder, ModelManager
-from model_server.services.lm import CallTracker, LMServicer
-from model_server.services.modelet import ModeletServicer
+from model_server.services.lm_service import CallTracker, LMServicer
+from model_server.services.modelet_service import ModeletServicer
 from sax import cell as sax_cell
 from sax.errors import FailedPreconditionError, SaxError, UnavailableError
 from sax.naming import CellName, parse_cell

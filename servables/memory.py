@@ -1,7 +1,7 @@
 """Memory arithmetic of Llama-style models: weight bytes, KV cache, activations, largest layer.
 
 The one place these figures are computed, from an architecture's tensor shapes and KV cache size
-(`servables.config.Architecture`, e.g. `LlamaArchitecture`): `LlamaConfig.memory_bytes()`,
+(`servables.servable_config.Architecture`, e.g. `LlamaArchitecture`): `LlamaConfig.memory_bytes()`,
 `saxutil estimate` and the admin's placement all use `estimate_llama` / `estimate_memory`.
 Import-light (no torch).
 
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from sax.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
-    from servables.config import Architecture, ServableConfig
+    from servables.servable_config import Architecture, ServableConfig
 
 DTYPE_BYTES: Mapping[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
 QUANTIZATIONS = ("none", "int8")

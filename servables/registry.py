@@ -13,7 +13,7 @@ import pkgutil
 from typing import TypeVar
 
 from sax.errors import NotFoundError
-from servables.config import ServableConfig
+from servables.servable_config import ServableConfig
 
 _REGISTRY: dict[str, ServableConfig] = {}
 # The package whose modules register configs, imported on first use (import-light).

@@ -19,7 +19,7 @@ from typing import Any
 
 from sax.errors import InvalidArgumentError
 from sax.v1 import common_pb2
-from servables.config import ServableConfig
+from servables.servable_config import ServableConfig
 
 # Extra-input keys the sampling code understands; a config may declare others (passed through).
 TEMPERATURE = "temperature"

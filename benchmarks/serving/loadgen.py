@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
-from benchmarks.serving.metrics import RequestResult
+from benchmarks.serving.request_stats import RequestResult
 from benchmarks.serving.workload import Prompt
 
 # on_chunk(text, prefix_len): the caller's text becomes text_so_far[:prefix_len] + text.

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from benchmarks.serving.loadgen import ChunkCallback, fixed_concurrency, run_request
-from benchmarks.serving.metrics import RequestResult
+from benchmarks.serving.request_stats import RequestResult
 from benchmarks.serving.workload import Prompt
 
 # Every data call's deadline, seconds (a conc-64 request may queue behind three waves).

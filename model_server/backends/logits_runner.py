@@ -88,6 +88,14 @@ class RunnerChecks:
                 f"decode positions {bad[:5]} are outside a slot's [0, {self.max_seq_len})"
             )
 
+    def _check_copy(self, src: int, dst: int, length: int) -> bool:
+        """Checks a slot copy's arguments; returns whether there is anything to copy."""
+        self._check_slot(src)
+        self._check_slot(dst)
+        if not 0 <= length <= self.max_seq_len:
+            raise InvalidArgumentError(f"copy length {length} is outside [0, {self.max_seq_len}]")
+        return src != dst and length > 0
+
     def bucket(self, length: int) -> int:
         """The padded prefill length of a prompt of `length` tokens; INVALID_ARGUMENT if none."""
         padded = smallest_at_least(self.buckets, length)

@@ -23,9 +23,9 @@ from model_server.engine.request import Request, RequestKind, RequestOutput, Sam
 from model_server.engine.runner import Runner
 from model_server.servable import StreamItem
 from sax.errors import CancelledError, InvalidArgumentError
-from servables.config import ServableConfig
 from servables.configs.llama import IGNORE_EOS
 from servables.sampling_params import SamplingParams
+from servables.servable_config import ServableConfig
 
 logger = logging.getLogger(__name__)
 

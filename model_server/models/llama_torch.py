@@ -2,8 +2,9 @@
 
 Parameter names and layouts are Hugging Face's (`model.layers.{i}.self_attn.q_proj.weight`,
 rotary in "rotate_half" layout), so a checkpoint with canonical names loads as is. The module
-reads only the architecture (`LlamaArch`); building it from a checkpoint, placing it over devices
-and quantizing it are the torch backend's (`model_server.backends.torch.weights`, `.quantize`).
+reads only the architecture (`LlamaArchitecture`); building it from a checkpoint, placing it
+over devices and quantizing it are the torch backend's (`model_server.backends.torch.weights`,
+`.quantize`).
 
 The KV cache has `num_slots` slots of `slot_len` positions per layer, `[slots, kv_heads,
 slot_len, head_dim]`. Two entry points use it: `prefill` runs one sequence into one slot
@@ -26,30 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-
-class LlamaArch(Protocol):
-    """The architecture the model reads (`servables.configs.llama.LlamaArchitecture` has it)."""
-
-    @property
-    def num_layers(self) -> int: ...
-    @property
-    def num_heads(self) -> int: ...
-    @property
-    def num_kv_heads(self) -> int: ...
-    @property
-    def head_dim(self) -> int: ...
-    @property
-    def model_dim(self) -> int: ...
-    @property
-    def hidden_dim(self) -> int: ...
-    @property
-    def vocab_size(self) -> int: ...
-    @property
-    def rope_theta(self) -> float: ...
-    @property
-    def norm_eps(self) -> float: ...
-    @property
-    def tie_embeddings(self) -> bool: ...
+from servables.configs.llama import LlamaArchitecture
 
 
 class LinearWeight(Protocol):
@@ -129,7 +107,7 @@ class MLP(nn.Module):
 class Attention(nn.Module):
     """Grouped-query attention with RoPE; owns its layer's KV cache."""
 
-    def __init__(self, config: LlamaArch) -> None:
+    def __init__(self, config: LlamaArchitecture) -> None:
         super().__init__()
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
@@ -232,7 +210,7 @@ class Attention(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x))."""
 
-    def __init__(self, config: LlamaArch) -> None:
+    def __init__(self, config: LlamaArchitecture) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.model_dim, config.norm_eps)
         self.self_attn = Attention(config)
@@ -264,7 +242,7 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Embeddings, decoder layers and the final norm (HF's `model.` prefix)."""
 
-    def __init__(self, config: LlamaArch) -> None:
+    def __init__(self, config: LlamaArchitecture) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.model_dim)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
@@ -289,7 +267,7 @@ class _PerDevice:
 class LlamaForCausalLM(nn.Module):
     """The decoder and its output projection (built from a checkpoint by the torch backend)."""
 
-    def __init__(self, config: LlamaArch) -> None:
+    def __init__(self, config: LlamaArchitecture) -> None:
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)

@@ -21,8 +21,8 @@ from typing import Any
 
 from sax.errors import FailedPreconditionError, InvalidArgumentError
 from servables import memory, platform
-from servables.config import ServableConfig
 from servables.registry import register
+from servables.servable_config import ServableConfig
 
 # The extra input holding the stop string (or a JSON list of stop strings).
 STOP = "stop"

@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from servables.config import ServableConfig
 from servables.registry import register
+from servables.servable_config import ServableConfig
 
 
 @register

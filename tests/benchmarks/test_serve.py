@@ -12,7 +12,7 @@ import pytest
 
 from benchmarks import serve
 from benchmarks.serving import report
-from benchmarks.serving.metrics import RequestResult, aggregate, percentile, summarize
+from benchmarks.serving.request_stats import RequestResult, aggregate, percentile, summarize
 
 
 def test_percentiles_match_numpy() -> None:

@@ -40,8 +40,8 @@ from sax.v1 import (
     modelet_pb2_grpc,
 )
 from servables import registry
-from servables.config import ServableConfig, apply_overrides
 from servables.sampling_params import SamplingParams
+from servables.servable_config import ServableConfig, apply_overrides
 from tests.faults.report import record
 from tests.model_server.conftest import LoopThread, wait_for
 from tests.model_server.engine.fakes import FakeRunner, write_tokenizer

@@ -11,8 +11,8 @@ import uvicorn
 from fastapi import FastAPI
 
 from gateway.app import create_app
+from gateway.app_state import GatewayState
 from gateway.config import GatewaySettings
-from gateway.state import GatewayState
 from tests.integration.cluster import Cluster
 
 SMOLLM2 = "/sax/test/smollm2"

@@ -10,7 +10,7 @@ import pytest
 from gateway.__main__ import parse_settings
 from gateway.catalog import ModelCatalog, ModelInfo
 from gateway.config import GatewaySettings
-from gateway.errors import http_status
+from gateway.http_errors import http_status
 from gateway.sax_http import parse_overrides
 from sax import errors
 from servables.chat_template import PLAIN, ChatTemplate, from_tokenizer_config, load_chat_template

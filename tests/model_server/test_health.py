@@ -16,7 +16,7 @@ from model_server.engine.engine_servable import EngineServable
 from model_server.engine.tokenizer import Tokenizer
 from model_server.server import ModelServer
 from sax.v1 import lm_pb2, lm_pb2_grpc, modelet_pb2, modelet_pb2_grpc
-from servables.config import ServableConfig
+from servables.servable_config import ServableConfig
 from tests.model_server.conftest import wait_for
 from tests.model_server.engine.fakes import FakeRunner, write_tokenizer
 

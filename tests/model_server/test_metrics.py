@@ -18,7 +18,7 @@ from model_server.loader import build_servable
 from model_server.servable import Servable
 from model_server.server import ModelServer
 from sax.v1 import lm_pb2, lm_pb2_grpc, modelet_pb2, modelet_pb2_grpc
-from servables.config import ServableConfig
+from servables.servable_config import ServableConfig
 from tests.model_server.engine.fakes import FakeRunner, write_tokenizer
 
 TINY = "/sax/test/tiny"

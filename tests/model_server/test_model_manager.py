@@ -14,7 +14,7 @@ from model_server.model_manager import ModelManager
 from model_server.servable import Servable
 from sax.errors import NotFoundError
 from sax.v1 import common_pb2
-from servables.config import ServableConfig
+from servables.servable_config import ServableConfig
 
 Status = common_pb2.ModelStatus
 KEY = "/sax/test/m"

@@ -9,8 +9,8 @@ import pytest
 
 from sax.errors import FailedPreconditionError, InvalidArgumentError
 from servables import memory, registry
-from servables.config import apply_overrides, check_checkpoint
 from servables.configs.llama import LlamaArchitecture, LlamaConfig
+from servables.servable_config import apply_overrides, check_checkpoint
 
 NAMES = (
     "llama.LLaMA7BFP16",

@@ -139,6 +139,18 @@ def rotary_rows_to_hf(rows: Any, head_dim: int) -> Any:
     return rows.reshape(n, head_dim // 2, 2, cols).swapaxes(1, 2).reshape(rows.shape)
 
 
+@dataclass(frozen=True)
+class SourceModel:
+    """A model read from a source format, ready to be written as a checkpoint: its HF-style
+    config, its tensors (read lazily), its tokenizer files and the dtype it is written in unless
+    another is asked for."""
+
+    config: Mapping[str, Any]
+    tensors: Sequence[TensorSource]
+    tokenizer_files: Mapping[str, bytes]
+    dtype: str
+
+
 class Progress(Protocol):
     """Receives the conversion's progress in bytes written."""
 

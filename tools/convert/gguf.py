@@ -21,14 +21,12 @@ import numpy as np
 from sax.errors import InvalidArgumentError
 from servables.configs.llama import LlamaArchitecture
 from tools.convert.checkpoint_writer import (
-    DEFAULT_SHARD_SIZE,
-    Progress,
+    SourceModel,
     TensorSource,
     cast,
     check_tensors,
     rotary_rows_to_hf,
     row_chunks,
-    write_checkpoint,
 )
 from tools.convert.gguf_file import GgufFile, GgufTensorInfo, read_gguf
 from tools.convert.tokenizer_files import GgufVocab, gguf_tokenizer_files
@@ -177,16 +175,8 @@ def gguf_sources(parsed: GgufFile, config: dict[str, Any]) -> list[TensorSource]
     return sources
 
 
-def convert_gguf(
-    src: str,
-    dst: str,
-    *,
-    dtype: str | None = None,
-    shard_size: int | str = DEFAULT_SHARD_SIZE,
-    progress: Progress | None = None,
-) -> str:
-    """Converts a Llama GGUF file into a checkpoint under dst (default dtype float32); returns
-    the checkpoint folder."""
+def read_model(src: str) -> SourceModel:
+    """Reads a Llama GGUF file (its tensors dequantized to float32)."""
     if not os.path.isfile(src):
         raise InvalidArgumentError(f"GGUF file {src} does not exist")
     parsed = read_gguf(src)
@@ -203,12 +193,4 @@ def convert_gguf(
     check_tensors(sources, LlamaArchitecture.from_hf_config(config).tensor_shapes(), src)
     tokenizer = gguf_tokenizer_files(vocab, src, config["max_position_embeddings"])
     del parsed, meta, vocab
-    return write_checkpoint(
-        dst,
-        config=config,
-        tensors=sources,
-        tokenizer_files=tokenizer,
-        dtype=dtype or "float32",
-        shard_size=shard_size,
-        progress=progress,
-    )
+    return SourceModel(config=config, tensors=sources, tokenizer_files=tokenizer, dtype="float32")

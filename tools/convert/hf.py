@@ -25,14 +25,12 @@ from servables.checkpoint import read_safetensors
 from servables.configs.llama import LlamaArchitecture
 from tools.convert import torch_io
 from tools.convert.checkpoint_writer import (
-    DEFAULT_SHARD_SIZE,
     DTYPES,
-    Progress,
+    SourceModel,
     TensorSource,
     cast,
     check_tensors,
     row_chunks,
-    write_checkpoint,
 )
 from tools.convert.tokenizer_files import hf_tokenizer_files
 
@@ -174,16 +172,9 @@ def read_hf_config(src: str) -> dict[str, Any]:
     return config
 
 
-def convert_hf(
-    src: str,
-    dst: str,
-    *,
-    dtype: str | None = None,
-    shard_size: int | str = DEFAULT_SHARD_SIZE,
-    progress: Progress | None = None,
-) -> str:
-    """Converts a Hugging Face Llama folder into a checkpoint under dst; returns the checkpoint
-    folder. dtype defaults to the config's torch_dtype (else the weights' dtype, else float32)."""
+def read_model(src: str) -> SourceModel:
+    """Reads a Hugging Face Llama folder; its dtype is the config's torch_dtype (else the
+    weights' dtype, else float32)."""
     if not os.path.isdir(src):
         raise InvalidArgumentError(f"{src} is not a folder; point at a Hugging Face model folder")
     config = read_hf_config(src)
@@ -197,17 +188,9 @@ def convert_hf(
         sources += [t for t in found if not _is_skipped(t.name, tied)]
         seen |= dtypes
     check_tensors(sources, LlamaArchitecture.from_hf_config(config).tensor_shapes(), src)
-    if dtype is None:
-        declared = config.get("torch_dtype") or config.get("dtype")
-        dtype = declared if declared in DTYPES else (seen.pop() if len(seen) == 1 else "float32")
+    declared = config.get("torch_dtype") or config.get("dtype")
+    dtype = declared if declared in DTYPES else (seen.pop() if len(seen) == 1 else "float32")
     for key in ("dtype", "torch_dtype", "transformers_version", "_name_or_path"):
         config.pop(key, None)
-    return write_checkpoint(
-        dst,
-        config=config,
-        tensors=sources,
-        tokenizer_files=hf_tokenizer_files(src),
-        dtype=dtype,
-        shard_size=shard_size,
-        progress=progress,
-    )
+    tokenizer = hf_tokenizer_files(src)
+    return SourceModel(config=config, tensors=sources, tokenizer_files=tokenizer, dtype=dtype)

@@ -24,13 +24,11 @@ from sax.errors import InvalidArgumentError
 from servables.configs.llama import LlamaArchitecture
 from tools.convert import torch_io
 from tools.convert.checkpoint_writer import (
-    DEFAULT_SHARD_SIZE,
-    Progress,
+    SourceModel,
     TensorSource,
     check_tensors,
     rotary_rows_to_hf,
     row_chunks,
-    write_checkpoint,
 )
 from tools.convert.tokenizer_files import sentencepiece_tokenizer_files
 
@@ -117,16 +115,8 @@ def _params(src: str) -> dict[str, Any]:
         return dict(json.load(f))
 
 
-def convert_meta(
-    src: str,
-    dst: str,
-    *,
-    dtype: str | None = None,
-    shard_size: int | str = DEFAULT_SHARD_SIZE,
-    progress: Progress | None = None,
-) -> str:
-    """Converts a Meta Llama folder into a checkpoint under dst (default dtype bfloat16, as
-    Meta's weights); returns the checkpoint folder."""
+def read_model(src: str) -> SourceModel:
+    """Reads a Meta Llama folder (dtype bfloat16, as Meta's weights)."""
     params = _params(src)
     paths = sorted(glob.glob(os.path.join(src, "consolidated.*.pth")))
     if not paths:
@@ -203,15 +193,7 @@ def convert_meta(
         _set_special_ids(config, tokenizer)
     else:
         logger.warning("%s has no tokenizer.model; the checkpoint will have no tokenizer", src)
-    return write_checkpoint(
-        dst,
-        config=config,
-        tensors=sources,
-        tokenizer_files=tokenizer,
-        dtype=dtype or "bfloat16",
-        shard_size=shard_size,
-        progress=progress,
-    )
+    return SourceModel(config=config, tensors=sources, tokenizer_files=tokenizer, dtype="bfloat16")
 
 
 def _set_special_ids(config: dict[str, Any], tokenizer: dict[str, bytes]) -> None:

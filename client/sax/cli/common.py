@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _PART_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
@@ -33,6 +36,14 @@ def parse_duration(text: str) -> float:
     if seconds <= 0:
         raise argparse.ArgumentTypeError(f"duration {text!r} must be positive")
     return seconds
+
+
+def from_flags(cls: type[T], args: argparse.Namespace, **values: Any) -> T:
+    """An instance of the dataclass `cls` whose fields take the parsed flags of the same name;
+    `values` supply or override fields (flags that need converting first)."""
+    names = (f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+    given = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    return cls(**{**given, **values})
 
 
 def flag(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:

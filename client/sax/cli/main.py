@@ -24,6 +24,7 @@ from importlib import metadata
 from typing import Any, NoReturn
 
 from sax.cli.common import UsageError, flag, parse_duration
+from sax.logs import configure_logging
 
 logger = logging.getLogger(__name__)
 
@@ -340,10 +341,7 @@ def _one_line(text: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs saxutil with `argv` (default: sys.argv[1:]); returns the exit status."""
     debug = os.environ.get("SAX_DEBUG", "") not in ("", "0")
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(logging.DEBUG if debug else logging.WARNING)
     parser = build_parser()
     argv = _normalize_bools(sys.argv[1:] if argv is None else argv, _bool_flags(parser))
     command = "saxutil"

@@ -168,11 +168,7 @@ class JaxRunner(RunnerChecks, LogitsRunner):
         return _to_host(out, n)
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
-        self._check_slot(src)
-        self._check_slot(dst)
-        if not 0 <= length <= self.max_seq_len:
-            raise InvalidArgumentError(f"copy length {length} is outside [0, {self.max_seq_len}]")
-        if src == dst or length == 0:
+        if not self._check_copy(src, dst, length):
             return
         message = {"op": "copy_slot", "src": src, "dst": dst, "length": length}
         self._run(message, lambda: self._copy_local(src, dst, length))

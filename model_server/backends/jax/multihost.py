@@ -44,7 +44,7 @@ from sax.errors import (
 )
 from servables import platform
 from servables.checkpoint import Checkpoint, open_checkpoint
-from servables.config import check_checkpoint
+from servables.servable_config import check_checkpoint
 
 logger = logging.getLogger(__name__)
 

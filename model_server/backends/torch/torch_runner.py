@@ -124,11 +124,7 @@ class TorchRunner(RunnerChecks, LogitsRunner):
         return model.logits(hidden).cpu()
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
-        self._check_slot(src)
-        self._check_slot(dst)
-        if not 0 <= length <= self.max_seq_len:
-            raise InvalidArgumentError(f"copy length {length} is outside [0, {self.max_seq_len}]")
-        if src == dst or length == 0:
+        if not self._check_copy(src, dst, length):
             return
         with self._lock, torch.inference_mode():
             self._live().copy_slot(src, dst, length)

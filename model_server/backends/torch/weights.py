@@ -50,7 +50,7 @@ def build_model(
     """
     _check_config(config)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(config.architecture())
     place(model, [torch.device(d) for d in devices])
     quantized: dict[str, quantize.Int8Weight] | None = {} if config.quantization == "int8" else None
     load_weights(model, tensors, TORCH_DTYPES[config.dtype], quantized)

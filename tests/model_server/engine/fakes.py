@@ -25,8 +25,8 @@ from model_server.backends.logits_runner import LogitsRunner
 from model_server.engine.engine_servable import EngineServable
 from model_server.engine.tokenizer import Tokenizer
 from sax.v1 import common_pb2
-from servables.config import ServableConfig
 from servables.sampling_params import SamplingParams
+from servables.servable_config import ServableConfig
 
 BOS, EOS, IM_START, IM_END = 256, 257, 258, 259
 SPECIALS = {"<s>": BOS, "</s>": EOS, "<|im_start|>": IM_START, "<|im_end|>": IM_END}

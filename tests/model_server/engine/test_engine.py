@@ -97,8 +97,7 @@ def test_greedy_generate_stream_and_score_agree_with_the_reference(parts: Any) -
     hashes = context_hashes(tokens)
     n = len(tok.encode("hello"))
     direct = sum(
-        float(log_softmax(logits_after(hashes[p - 1]))[tokens[p]])
-        for p in range(n, len(tokens))
+        float(log_softmax(logits_after(hashes[p - 1]))[tokens[p]]) for p in range(n, len(tokens))
     )
     assert logp == pytest.approx(direct, abs=1e-4)
     assert servable.score("hello", ["", "zzz"], params(CONFIG))[0] == 0.0

@@ -118,7 +118,7 @@ def test_weights_are_placed_as_they_stream_without_copies() -> None:
     state = {k: v.clone() for k, v in hf_model(TINY).state_dict().items()}
     seen: list[str] = []
     with torch.device("meta"):
-        model = LlamaForCausalLM(TINY)
+        model = LlamaForCausalLM(TINY.architecture())
     place(model, [torch.device("cpu")])
     load_weights(model, _stream(state, seen), torch.float32)  # before fusing and packing
     assert seen == list(state)

@@ -14,8 +14,8 @@ import pytest
 from model_server.servable import StreamItem
 from model_server.server import ModelServer
 from sax.v1 import common_pb2, lm_pb2, lm_pb2_grpc, modelet_pb2, modelet_pb2_grpc
-from servables.config import ServableConfig
 from servables.sampling_params import SamplingParams
+from servables.servable_config import ServableConfig
 
 PROMPT = "Q: Who is Harry Potter's mother? A:"
 

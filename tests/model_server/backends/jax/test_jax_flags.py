@@ -9,7 +9,7 @@ from model_server.__main__ import parse_config
 from model_server.backends.jax.multihost import MultihostConfig, decode_config, encode_config
 from model_server.config import ModelServerConfig
 from servables import registry
-from servables.config import apply_overrides
+from servables.servable_config import apply_overrides
 
 
 def test_backend_flags() -> None:
