@@ -60,12 +60,17 @@ class RunnerChecks:
         keys = config.bucket_keys or (config.input_seq_len,)
         self.buckets = tuple(sorted({k for k in keys if k < self.max_seq_len} | {self.max_seq_len}))
 
-    def _check_prefill(self, slot: int, tokens: Sequence[int]) -> int:
-        """Checks a prefill's arguments; returns its padded length."""
+    def _check_prefill(self, slot: int, tokens: Sequence[int], start: int = 0) -> int:
+        """Checks a prefill's arguments (tokens at positions [start, start + len)); returns
+        the padded length of the tokens."""
         if not tokens:
             raise InvalidArgumentError("prefill needs at least one token")
+        if start < 0 or (start and not getattr(self, "chunked_prefill", False)):
+            raise InvalidArgumentError(f"this runner prefills from position 0, not {start}")
         self._check_slot(slot)
         self._check_tokens(tokens)
+        if start + len(tokens) > self.max_seq_len:
+            self.bucket(start + len(tokens))  # INVALID_ARGUMENT with the slot-length reason
         return self.bucket(len(tokens))
 
     def _check_decode(
@@ -116,16 +121,20 @@ class LogitsRunner(abc.ABC):
     vocab_size: int
     # Tokens a sample may pick ([V] bool); None: all. Scores always use the whole vocabulary.
     allowed_tokens: np.ndarray | None = None
+    # Whether prefill_logits takes start > 0 (a prompt's later chunk after its earlier ones).
+    chunked_prefill: bool = False
 
     def __init__(self) -> None:
         self._sampler_states: dict[SampleKey, SamplerState] = {}
 
     @abc.abstractmethod
     def prefill_logits(
-        self, slot: int, tokens: Sequence[int], *, all_logits: bool = True
+        self, slot: int, tokens: Sequence[int], *, all_logits: bool = True, start: int = 0
     ) -> np.ndarray:
-        """Runs the prompt into `slot` (K/V of positions [0, len(tokens))) and returns float32
-        logits [len(tokens), V], or only the last position's [1, V] when all_logits is False."""
+        """Runs the tokens into `slot` at positions [start, start + len(tokens)) (K/V written
+        there, attending to the slot's positions before `start` too) and returns float32 logits
+        [len(tokens), V], or only the last position's [1, V] when all_logits is False. start > 0
+        only when `chunked_prefill`."""
 
     @abc.abstractmethod
     def decode_logits(
@@ -149,24 +158,39 @@ class LogitsRunner(abc.ABC):
             states.pop(key, None)
         scores = {w.request_id: self.score(w) for w in work.scores}
         keys: list[SampleKey] = []
-        rows: list[np.ndarray] = []
         for p in work.prefills:
-            last = self.prefill_logits(p.slots[0], p.tokens, all_logits=False)  # [1, V]
-            for i, slot in enumerate(p.slots):
-                if i:
-                    self.copy_slot(p.slots[0], slot, len(p.tokens))
-                key = (p.request_id, i)
-                states[key] = SamplerState(p.samples[i], self.vocab_size, p.tokens)
-                keys.append(key)
-                rows.append(last)
+            if p.final:
+                for i in range(len(p.slots)):
+                    states[(p.request_id, i)] = SamplerState(
+                        p.samples[i], self.vocab_size, p.tokens
+                    )
+                    keys.append((p.request_id, i))
         for batch in work.decodes:
-            rows.append(self.decode_logits(batch.slots, batch.tokens, batch.positions))  # [B, V]
             keys.extend(batch.keys)
         if not keys:
+            self.step_logits(work)
             return RunnerOutput(scores=scores)
-        logits = np.concatenate(rows) if len(rows) > 1 else rows[0]  # [sum B, V]
+        logits = self.step_logits(work)
         tokens, logp = sample(logits, [states[k] for k in keys], self.allowed_tokens)
         return RunnerOutput(tuple(keys), tuple(tokens), tuple(logp), scores)
+
+    def step_logits(self, work: SchedulerOutput) -> np.ndarray:
+        """Runs the step's prefills and decodes; returns the logits to sample from [R, V]: one
+        row per sample of each final prefill (the prompt's last position; its K/V copied to the
+        other samples' slots), then one per decode row. A backend that runs them all in one
+        pass overrides this."""
+        rows: list[np.ndarray] = []
+        for p in work.prefills:
+            last = self.prefill_logits(p.slots[0], p.chunk, all_logits=False, start=p.start)
+            if p.final:
+                for slot in p.slots[1:]:
+                    self.copy_slot(p.slots[0], slot, len(p.tokens))
+                rows += [last] * len(p.slots)
+        for batch in work.decodes:
+            rows.append(self.decode_logits(batch.slots, batch.tokens, batch.positions))  # [B, V]
+        if not rows:
+            return np.zeros((0, self.vocab_size), np.float32)
+        return np.concatenate(rows) if len(rows) > 1 else rows[0]
 
     def score(self, work: ScoreWork) -> tuple[float, ...]:
         """log p(suffix | prefix) of each suffix, run in the work's slot."""

@@ -81,11 +81,12 @@ class Engine:
         eos_ids: Collection[int],
         max_queue: int,
         max_batch_size: int,
-        max_prefill_tokens: int | None = None,
+        token_budget: int | None = None,
         name: str = "engine",
     ) -> None:
         """`decode` turns token ids into text (the tokenizer's); a sample ends at any of
-        `eos_ids`. Decode batches hold at most `max_batch_size` samples."""
+        `eos_ids`. Decode batches hold at most `max_batch_size` samples; a step runs at most
+        `token_budget` tokens (None: no limit), prompts in chunks when the runner can."""
         self._runner = runner
         self._decode = decode
         self._eos = frozenset(eos_ids)
@@ -94,7 +95,8 @@ class Engine:
             runner.max_seq_len,
             max_queue=max_queue,
             max_batch_size=max_batch_size,
-            max_prefill_tokens=max_prefill_tokens,
+            token_budget=token_budget,
+            chunked_prefill=runner.chunked_prefill,
         )
         self._cond = threading.Condition()
         self._active: dict[int, _Active] = {}

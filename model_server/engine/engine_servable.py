@@ -87,7 +87,7 @@ class EngineServable:
         tokenizer: TextTokenizer,
         *,
         eos_ids: Collection[int] = (),
-        max_prefill_tokens: int | None = None,
+        token_budget: int | None = None,
     ) -> None:
         """`eos_ids` adds end-of-sequence ids to the tokenizer's (e.g. the checkpoint config's
         `eos_token_id`). The config's `max_queue` and `truncate_prompt` are used when present."""
@@ -105,7 +105,7 @@ class EngineServable:
             eos_ids={*tokenizer.eos_ids, *eos_ids},
             max_queue=int(getattr(config, "max_queue", DEFAULT_MAX_QUEUE)),
             max_batch_size=max(config.batch_sizes),
-            max_prefill_tokens=max_prefill_tokens,
+            token_budget=token_budget or getattr(config, "max_num_batched_tokens", 0) or None,
         )
 
     @property

@@ -40,11 +40,13 @@ class Runner(Protocol):
     max_seq_len: int
     # Token ids the model knows: [0, vocab_size).
     vocab_size: int
+    # Whether a prompt may be prefilled in chunks over several steps (PrefillWork.start > 0).
+    chunked_prefill: bool
 
     def execute(self, work: SchedulerOutput) -> RunnerOutput:
         """Runs one step: forgets the sampler state of `work.released`, scores `work.scores`,
-        prefills `work.prefills` (copying a prompt's K/V to each of its samples' slots and
-        sampling every sample's first token) and decodes `work.decodes`."""
+        prefills `work.prefills` (on a prompt's final chunk, copying its K/V to each of its
+        samples' slots and sampling every sample's first token) and decodes `work.decodes`."""
         ...
 
     def close(self) -> None:

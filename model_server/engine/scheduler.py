@@ -2,12 +2,19 @@
 
 Each engine step asks the scheduler what to run (`schedule`), runs it, and reports the sampled
 tokens back (`update`). A step first drops the requests that were aborted, cancelled or have
-passed their deadline (freeing their slots), then admits waiting requests in arrival order while
-enough KV cache slots are free (a GENERATE request needs one slot per sample, a SCORE request one
-slot for the step), schedules their prefills, and finally one decode step over every running
-sample, in batches of at most `max_batch_size`. Samples that finish (EOS or stop string, decided
-by the engine; decode steps or slot length, decided here) free their slot at once, so a new
-request can take it on the next step.
+passed their deadline (freeing their slots). It then schedules one decode row for every running
+sample (in batches of at most `max_batch_size`): decodes are never held back by prompts. The
+rest of the step's token budget (`token_budget`, vLLM's `max_num_batched_tokens`) goes to
+prompts: first the rest of the prompts already being prefilled, then waiting requests in
+arrival order while enough KV cache slots are free (a GENERATE request needs one slot per
+sample, a SCORE request one slot for the step). With `chunked_prefill` a prompt longer than
+what is left of the budget is split over several steps (its first token is sampled at the end
+of its last chunk); without it a prompt runs whole, alone when it exceeds the budget. Several
+prompts share a step when they fit. Prompts get at least a quarter of the budget per step, so
+they progress while many samples decode.
+
+Samples that finish (EOS or stop string, decided by the engine; decode steps or slot length,
+decided here) free their slot at once, so a new request can take it on the next step.
 
 The scheduler is not thread-safe; the engine calls it under its lock.
 """
@@ -35,15 +42,35 @@ SampleKey = tuple[int, int]
 
 @dataclass(frozen=True)
 class PrefillWork:
-    """Run a GENERATE request's prompt in `slots[0]`, copy its K/V to the other slots, and sample
-    the first token of every sample from the last position's logits."""
+    """Run prompt positions [start, end) of a GENERATE request in `slots[0]` (positions before
+    `start` are already in its KV cache). On the last chunk (`final`), copy the prompt's K/V to
+    the other slots and sample the first token of every sample from the last position."""
 
     request_id: int
+    # The whole prompt.
     tokens: tuple[int, ...]
     # One slot per sample, in sample order.
     slots: tuple[int, ...]
     # How each sample picks its tokens, in sample order.
     samples: tuple[SampleOptions, ...] = ()
+    # The chunk: prompt positions [start, stop); stop None: to the end of the prompt.
+    start: int = 0
+    stop: int | None = None
+
+    @property
+    def end(self) -> int:
+        """The chunk's end position."""
+        return len(self.tokens) if self.stop is None else self.stop
+
+    @property
+    def chunk(self) -> tuple[int, ...]:
+        """The chunk's tokens."""
+        return self.tokens[self.start : self.end]
+
+    @property
+    def final(self) -> bool:
+        """Whether the chunk ends the prompt (its samples' first tokens are sampled)."""
+        return self.end == len(self.tokens)
 
 
 @dataclass(frozen=True)
@@ -87,6 +114,14 @@ class SchedulerOutput:
     # sampler state.
     released: tuple[SampleKey, ...] = ()
 
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the step runs through the model: prompt chunks, scored sequences and decode
+        rows."""
+        prompts = sum(w.end - w.start for w in self.prefills)
+        scored = sum(len(w.prefix) + len(s) for w in self.scores for s in w.suffixes)
+        return prompts + scored + sum(len(b.keys) for b in self.decodes)
+
     def request_ids(self) -> set[int]:
         """Requests that run in this step."""
         ids = {w.request_id for w in self.scores} | {w.request_id for w in self.prefills}
@@ -126,6 +161,9 @@ class _Running:
     request: Request
     samples: list[_Sample]
     abort: SaxError | None = None
+    # Prompt positions already in the KV cache (GENERATE); the prompt is prefilled when it is
+    # len(request.prompt).
+    prefilled: int = 0
 
 
 class Scheduler:
@@ -139,15 +177,22 @@ class Scheduler:
         *,
         max_queue: int,
         max_batch_size: int,
-        max_prefill_tokens: int | None = None,
+        token_budget: int | None = None,
+        chunked_prefill: bool = False,
     ) -> None:
-        if max_queue < 0 or max_batch_size <= 0:
-            raise ValueError(f"bad limits: max_queue {max_queue}, max_batch_size {max_batch_size}")
+        """token_budget: tokens one step runs at most (decode rows and prompt tokens); None: no
+        limit. chunked_prefill: whether the runner can prefill a prompt in chunks."""
+        if max_queue < 0 or max_batch_size <= 0 or (token_budget is not None and token_budget < 1):
+            raise ValueError(
+                f"bad limits: max_queue {max_queue}, max_batch_size {max_batch_size}, "
+                f"token_budget {token_budget}"
+            )
         self._slots = SlotAllocator(num_slots)
         self._max_seq_len = max_seq_len
         self._max_queue = max_queue
         self._max_batch_size = max_batch_size
-        self._max_prefill_tokens = max_prefill_tokens
+        self._token_budget = token_budget
+        self._chunked = chunked_prefill
         self._waiting: collections.OrderedDict[int, Request] = collections.OrderedDict()
         self._running: dict[int, _Running] = {}
         self._dropped: list[Aborted] = []  # aborted while waiting, reported by the next step
@@ -232,13 +277,14 @@ class Scheduler:
             raise InternalError("schedule() called before update() of the previous step")
         self._step += 1
         aborted = self._drop_stopped(now)
-        scores, prefills = self._admit()
+        decodes = self._decode_batches()
+        scores, prefills = self._admit(sum(len(b.keys) for b in decodes))
         output = SchedulerOutput(
             step=self._step,
             aborted=tuple(aborted),
             scores=tuple(scores),
             prefills=tuple(prefills),
-            decodes=self._decode_batches(),
+            decodes=decodes,
             released=tuple(self._released),
         )
         self._released.clear()
@@ -267,9 +313,13 @@ class Scheduler:
                 del self._running[work.request_id]
                 self._free_samples(run)
                 done.append(work.request_id)
-        steps: list[tuple[SampleKey, bool]] = [
-            ((w.request_id, i), False) for w in output.prefills for i in range(len(w.slots))
-        ]
+        steps: list[tuple[SampleKey, bool]] = []
+        for w in output.prefills:
+            run = self._running.get(w.request_id)
+            if run is not None and run.abort is None:
+                run.prefilled = w.end
+            if w.final:
+                steps += [((w.request_id, i), False) for i in range(len(w.slots))]
         steps += [(key, True) for batch in output.decodes for key in batch.keys]
         for key, decoded in steps:
             run = self._running.get(key[0])
@@ -327,25 +377,62 @@ class Scheduler:
                 aborted.append(Aborted(request_id, error))
         return aborted
 
-    def _admit(self) -> tuple[list[ScoreWork], list[PrefillWork]]:
+    def _admit(self, decode_rows: int) -> tuple[list[ScoreWork], list[PrefillWork]]:
+        """The step's prompt work within what the decode rows leave of the token budget: the
+        rest of prompts being prefilled first, then waiting requests in arrival order."""
         scores: list[ScoreWork] = []
         prefills: list[PrefillWork] = []
-        budget = self._max_prefill_tokens
-        used = 0
-        while self._waiting:
+        budget = self._token_budget
+        left = (
+            None if budget is None else max(budget - decode_rows, budget // 4, 1)
+        )  # prompt tokens this step may still take; None: any
+
+        def take(wanted: int, chunkable: bool = self._chunked) -> int:
+            """Tokens granted to a prompt of `wanted` tokens (0: it waits for a later step)."""
+            nonlocal left
+            if left is None:
+                return wanted
+            if wanted <= left or (not chunkable and not scores and not prefills):
+                granted = wanted  # whole; alone when it exceeds the budget
+            elif chunkable:
+                granted = left
+            else:
+                return 0
+            left = max(left - granted, 0)
+            return granted
+
+        for rid, run in self._running.items():
+            request = run.request
+            todo = len(request.prompt) - run.prefilled
+            if request.kind is not RequestKind.GENERATE or todo <= 0 or run.abort is not None:
+                continue
+            granted = take(todo)
+            if not granted:
+                break
+            slots = tuple(s.slot for s in run.samples)
+            start = run.prefilled
+            stop = None if granted == todo else start + granted
+            prefills.append(PrefillWork(rid, request.prompt, slots, request.samples, start, stop))
+        while self._waiting and (left is None or left > 0):
             request = next(iter(self._waiting.values()))
             if request.slots_needed > self._slots.num_free:
                 break  # first come, first served: nobody overtakes the head of the queue
-            if budget is not None and used and used + request.prefill_tokens > budget:
+            if request.kind is RequestKind.SCORE:
+                granted = take(request.prefill_tokens, chunkable=False)  # scored whole
+            else:
+                granted = take(len(request.prompt))
+            if not granted:
                 break
-            used += request.prefill_tokens
             del self._waiting[request.request_id]
             slots = self._slots.allocate(request.slots_needed)
             rid = request.request_id
             if request.kind is RequestKind.SCORE:
                 scores.append(ScoreWork(rid, slots[0], request.prompt, request.suffixes))
             else:
-                prefills.append(PrefillWork(rid, request.prompt, tuple(slots), request.samples))
+                stop = None if granted == len(request.prompt) else granted
+                prefills.append(
+                    PrefillWork(rid, request.prompt, tuple(slots), request.samples, 0, stop)
+                )
             samples = [_Sample(slot=s, position=len(request.prompt)) for s in slots]
             self._running[rid] = _Running(request, samples)
         return scores, prefills

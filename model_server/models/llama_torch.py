@@ -7,11 +7,11 @@ over devices and quantizing it are the torch backend's (`model_server.backends.t
 `.quantize`).
 
 The KV cache has `num_slots` slots of `slot_len` positions per layer, `[slots, kv_heads,
-slot_len, head_dim]`. Two entry points use it: `prefill` runs one sequence into one slot
-(causal), `decode` runs one token for each of several slots, each at its own position and
-attending to its own slot's positions up to it. `forward` is a cache-free causal pass (a
-reference for tests). Shapes depend only on (batch, prompt bucket, attended-length bucket), so
-the step functions can be compiled later.
+slot_len, head_dim]`. One entry point uses it: `step` runs the tokens of several sequences in
+one pass (their projections and MLPs as one matrix product each): prompt chunks (`Chunk`, a
+prompt from position 0 or a later piece of it after the earlier ones) and decode rows
+(`DecodeRows`, one token for each of several slots, each at its own position). `forward` is a
+cache-free causal pass (a reference for tests).
 
 Layer i runs on `layer_devices[i]` (pipeline placement over several devices), the embeddings on
 `devices[0]`, the final norm and the output projection on `devices[-1]`. A layer's projections
@@ -21,6 +21,8 @@ run as their `nn.Linear`s, or through the served forms set on `Attention.qkv`/`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol, cast
 
 import torch
@@ -28,6 +30,41 @@ from torch import nn
 from torch.nn import functional
 
 from servables.configs.llama import LlamaArchitecture
+
+StepTensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Prompt positions [start, start + length) of the sequence in `slot` (the positions before
+    `start` are in the cache already)."""
+
+    slot: int
+    start: int
+    length: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.length
+
+
+@dataclass(frozen=True)
+class DecodeRows:
+    """One token per row: row b at positions[b] of slots[b], attending to that slot's positions
+    up to its own, all below `span`. first_slot: set when slots are first_slot, first_slot + 1,
+    ... (the cache is then attended in place instead of gathered)."""
+
+    slots: tuple[int, ...]
+    positions: tuple[int, ...]
+    span: int
+    first_slot: int | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.slots)
+
+
+Part = Chunk | DecodeRows
 
 
 class LinearWeight(Protocol):
@@ -157,54 +194,67 @@ class Attention(nn.Module):
             functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         )
 
-    def prefill(self, x: torch.Tensor, rope: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        """x [1, T, D] at positions [0, T); writes K/V into the slot (a [1] index tensor)."""
-        assert self.k_cache is not None and self.v_cache is not None
-        q, k, v = self._qkv(x, rope)
-        t = x.shape[1]
-        self.k_cache[slot, :, :t] = k
-        self.v_cache[slot, :, :t] = v
-        gqa = self.num_heads != self.num_kv_heads
-        return self._out(
-            functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        )
-
-    def decode(
-        self,
-        x: torch.Tensor,
-        rope: torch.Tensor,
-        slots: torch.Tensor,
-        kv_rows: torch.Tensor,
-        mask: torch.Tensor,
-        first_slot: int | None = None,
+    def step(
+        self, x: torch.Tensor, rope: torch.Tensor, parts: Sequence[Part], t: StepTensors
     ) -> torch.Tensor:
-        """x [B, 1, D], token i at some position of slots[i]; kv_rows [B * KV] are the rows of
-        the cache seen as [S * KV * L, hd] that the new K/V go to (`_kv_rows`); mask
-        [B, 1, 1, A] marks the attended positions [0, A) of each slot. Returns [B, 1, D].
-
-        first_slot: set when slots are first_slot, first_slot + 1, ... in order; the cache is
-        then attended in place instead of gathered."""
+        """x [1, N, D]: the step's tokens, `parts` in order, token n at position
+        t["positions"][n] of its slot. Writes every token's K/V into the cache first, then each
+        part attends: a chunk to its slot's positions up to each token, decode rows each to
+        their own slot's. Returns [1, N, D]."""
         assert self.k_cache is not None and self.v_cache is not None
-        q, k, v = self._qkv(x, rope)  # [B, H, 1, hd], [B, KV, 1, hd]
+        q, k, v = self._qkv(x, rope)  # [1, H, N, hd], [1, KV, N, hd]
         hd = self.head_dim
-        self.k_cache.view(-1, hd).index_copy_(0, kv_rows, k[:, :, 0].reshape(-1, hd))
-        self.v_cache.view(-1, hd).index_copy_(0, kv_rows, v[:, :, 0].reshape(-1, hd))
+        rows = t["kv_rows"]
+        self.k_cache.view(-1, hd).index_copy_(0, rows, k[0].transpose(0, 1).reshape(-1, hd))
+        self.v_cache.view(-1, hd).index_copy_(0, rows, v[0].transpose(0, 1).reshape(-1, hd))
+        gqa = self.num_heads != self.num_kv_heads
+        outs: list[torch.Tensor] = []
+        offset = 0
+        for i, part in enumerate(parts):
+            n = part.num_tokens
+            qs = q[:, :, offset : offset + n]
+            if isinstance(part, Chunk) and part.start == 0:
+                out = functional.scaled_dot_product_attention(
+                    qs,
+                    k[:, :, offset : offset + n],
+                    v[:, :, offset : offset + n],
+                    is_causal=True,
+                    enable_gqa=gqa,
+                )  # [1, H, n, hd]
+                outs.append(out.transpose(1, 2).reshape(1, n, -1))
+            elif isinstance(part, Chunk):
+                end = part.start + n
+                keys = self.k_cache[part.slot : part.slot + 1, :, :end]  # [1, KV, end, hd]
+                values = self.v_cache[part.slot : part.slot + 1, :, :end]
+                out = functional.scaled_dot_product_attention(
+                    qs, keys, values, attn_mask=t[f"mask{i}"], enable_gqa=gqa
+                )
+                outs.append(out.transpose(1, 2).reshape(1, n, -1))
+            else:
+                outs.append(self._attend_rows(qs, part, t[f"slots{i}"], t[f"mask{i}"]))
+            offset += n
+        return self._o(outs[0] if len(outs) == 1 else torch.cat(outs, dim=1))
+
+    def _attend_rows(
+        self, q: torch.Tensor, part: DecodeRows, slots: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Decode rows: q [1, H, B, hd], row b of slot slots[b] attending to the positions
+        that `mask` [B, 1, 1, A] marks. Returns [1, B, H * hd]."""
+        assert self.k_cache is not None and self.v_cache is not None
         span = mask.shape[-1]
-        if first_slot is not None:
-            rows = slice(first_slot, first_slot + x.shape[0])
-            keys = self.k_cache[rows, :, :span]  # [B, KV, A, hd], a view
-            values = self.v_cache[rows, :, :span]
+        b = q.shape[2]
+        first = part.first_slot
+        if first is not None:
+            keys = self.k_cache[first : first + b, :, :span]  # [B, KV, A, hd], a view
+            values = self.v_cache[first : first + b, :, :span]
         else:
             keys = self.k_cache[:, :, :span].index_select(0, slots)  # [B, KV, A, hd]
             values = self.v_cache[:, :, :span].index_select(0, slots)
-        b = x.shape[0]
         group = self.num_heads // self.num_kv_heads
         # Query heads of one KV head become its query rows: no K/V repetition.
-        q = q.view(b, self.num_kv_heads, group, self.head_dim)
-        attn = functional.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask
-        )  # [B, KV, G, hd]
-        return self._o(attn.reshape(b, 1, self.num_heads * self.head_dim))
+        q = q[0].transpose(0, 1).reshape(b, self.num_kv_heads, group, self.head_dim)
+        attn = functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return attn.reshape(1, b, self.num_heads * self.head_dim)
 
 
 class DecoderLayer(nn.Module):
@@ -223,20 +273,10 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         return self._mlp(x + self.self_attn(self.input_layernorm(x), rope))
 
-    def prefill(self, x: torch.Tensor, rope: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        return self._mlp(x + self.self_attn.prefill(self.input_layernorm(x), rope, slot))
-
-    def decode(
-        self,
-        x: torch.Tensor,
-        rope: torch.Tensor,
-        slots: torch.Tensor,
-        kv_rows: torch.Tensor,
-        mask: torch.Tensor,
-        first_slot: int | None = None,
+    def step(
+        self, x: torch.Tensor, rope: torch.Tensor, parts: Sequence[Part], t: StepTensors
     ) -> torch.Tensor:
-        h = self.self_attn.decode(self.input_layernorm(x), rope, slots, kv_rows, mask, first_slot)
-        return self._mlp(x + h)
+        return self._mlp(x + self.self_attn.step(self.input_layernorm(x), rope, parts, t))
 
 
 class LlamaModel(nn.Module):
@@ -334,59 +374,44 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x.to(device), rope[device])
         return self.logits(self.model.norm(x.to(self.devices[-1])))
 
-    def prefill(self, tokens: torch.Tensor, slot: int) -> torch.Tensor:
-        """tokens [T] at positions [0, T) into slot -> final hidden states [T, D] (last device).
-
-        K/V of all T positions are written; positions past the real prompt (padding) are
-        overwritten by decode before anything attends to them.
-        """
-        t = tokens.shape[0]
-        x = self.model.embed_tokens(tokens.to(self.devices[0]))[None]  # [1, T, D]
-        per_device = _PerDevice(slot=torch.tensor([slot]))
-        for i, layer in enumerate(self.decoder_layers):
-            device = self.layer_devices[i]
-            rope = self._rope[device][:, None, :t]  # [2, 1, T, hd]
-            x = layer.prefill(x.to(device), rope, per_device.on(device)["slot"])
-        return self.model.norm(x.to(self.devices[-1]))[0]
-
-    def _kv_rows(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rows of a layer's cache seen as [S * KV * L, hd] holding (slot, kv head, position),
-        for each row's slot and position and every KV head: [B * KV], row-major (b, kv)."""
+    def step(self, tokens: torch.Tensor, parts: Sequence[Part]) -> torch.Tensor:
+        """One pass over several sequences' tokens: tokens [N] (int64), `parts` in order (prompt
+        chunks, decode rows). Writes their K/V into the cache and returns the final hidden states
+        [N, D] (after the norm, on the last device)."""
+        slots: list[int] = []
+        positions: list[int] = []
+        tensors: dict[str, torch.Tensor] = {}
+        for i, part in enumerate(parts):
+            if isinstance(part, Chunk):
+                n = part.num_tokens
+                slots += [part.slot] * n
+                positions += range(part.start, part.start + n)
+                if part.start:
+                    end = part.start + n
+                    mask = torch.arange(end)[None, :] <= torch.arange(part.start, end)[:, None]
+                    tensors[f"mask{i}"] = mask[None, None]  # [1, 1, n, end]
+            else:
+                slots += part.slots
+                positions += part.positions
+                span = torch.arange(part.span)[None, :]
+                mask = span <= torch.tensor(part.positions)[:, None]
+                tensors[f"mask{i}"] = mask[:, None, None, :]  # [B, 1, 1, A]
+                tensors[f"slots{i}"] = torch.tensor(part.slots)
+        if len(slots) != tokens.shape[0]:
+            raise ValueError(f"{tokens.shape[0]} tokens for parts of {len(slots)}")
+        pos = torch.tensor(positions)
         kv = self.config.num_kv_heads
-        heads = torch.arange(kv, device=slots.device)
-        rows = (slots[:, None] * kv + heads[None, :]) * self.slot_len + positions[:, None]
-        return rows.flatten()
-
-    def decode(
-        self,
-        tokens: torch.Tensor,
-        slots: torch.Tensor,
-        positions: torch.Tensor,
-        span: int,
-        first_slot: int | None = None,
-    ) -> torch.Tensor:
-        """One token per row: tokens, slots, positions [B] (int64); each row attends to its
-        slot's positions <= its own, all of them < span. first_slot: set when slots are
-        consecutive from it (the cache is attended in place). -> final hidden states [B, D]."""
-        x = self.model.embed_tokens(tokens.to(self.devices[0]))[:, None]  # [B, 1, D]
-        mask = torch.arange(span, device=positions.device)[None, :] <= positions[:, None]
-        kv_rows = self._kv_rows(slots, positions)
-        per_device = _PerDevice(
-            slots=slots, positions=positions, kv_rows=kv_rows, mask=mask[:, None, None, :]
-        )
+        heads = torch.arange(kv)
+        kv_rows = (torch.tensor(slots)[:, None] * kv + heads[None, :]) * self.slot_len
+        tensors["kv_rows"] = (kv_rows + pos[:, None]).flatten()  # [N * KV], row-major (n, kv)
+        tensors["positions"] = pos
+        per_device = _PerDevice(**tensors)
+        x = self.model.embed_tokens(tokens.to(self.devices[0]))[None]  # [1, N, D]
         rope: dict[torch.device, torch.Tensor] = {}
         for i, layer in enumerate(self.decoder_layers):
             device = self.layer_devices[i]
-            step = per_device.on(device)
+            t = per_device.on(device)
             if device not in rope:
-                table = self._rope[device].index_select(1, step["positions"])  # [2, B, hd]
-                rope[device] = table[:, :, None]  # [2, B, 1, hd]
-            x = layer.decode(
-                x.to(device),
-                rope[device],
-                step["slots"],
-                step["kv_rows"],
-                step["mask"],
-                first_slot,
-            )
-        return self.model.norm(x.to(self.devices[-1]))[:, 0]
+                rope[device] = self._rope[device].index_select(1, t["positions"])[:, None]
+            x = layer.step(x.to(device), rope[device], parts, t)  # rope [2, 1, N, hd]
+        return self.model.norm(x.to(self.devices[-1]))[0]

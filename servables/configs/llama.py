@@ -240,6 +240,11 @@ class LlamaConfig(ServableConfig):
     truncate_prompt: bool = False
     # Requests waiting for a batch slot; more are refused with RESOURCE_EXHAUSTED.
     max_queue: int = 64
+    # Tokens one engine step runs at most (MAX_NUM_BATCHED_TOKENS, vLLM's name): a decode row
+    # for every running sample, the rest for prompts, which backends that can (torch) split
+    # into chunks over several steps; 0: no limit (every prompt that finds slots runs whole).
+    # Smaller keeps decodes flowing while long prompts arrive; larger starts prompts sooner.
+    max_num_batched_tokens: int = 512
 
     dtype: str = "bfloat16"
     batch_sizes: tuple[int, ...] = (1,)
@@ -256,6 +261,7 @@ class LlamaConfig(ServableConfig):
             **_BASE_ALIASES,
             "TRUNCATE_PROMPT": "truncate_prompt",
             "MAX_QUEUE": "max_queue",
+            "MAX_NUM_BATCHED_TOKENS": "max_num_batched_tokens",
             "NUM_LAYERS": "num_layers",
             "NUM_HEADS": "num_heads",
             "NUM_KV_HEADS": "num_kv_heads",
@@ -315,6 +321,11 @@ class LlamaConfig(ServableConfig):
         self.architecture().validate()
         if self.max_queue <= 0:
             raise InvalidArgumentError(f"max_queue must be positive, got {self.max_queue}")
+        if self.max_num_batched_tokens < 0:
+            raise InvalidArgumentError(
+                f"MAX_NUM_BATCHED_TOKENS must be 0 (no limit) or positive, got "
+                f"{self.max_num_batched_tokens}"
+            )
         if self.slot_len > self.max_seq_len:
             raise InvalidArgumentError(
                 f"INPUT_SEQ_LEN {self.input_seq_len} + MAX_DECODE_STEPS {self.max_decode_steps} "

@@ -116,9 +116,9 @@ class JaxRunner(RunnerChecks, LogitsRunner):
     # Runner protocol.
 
     def prefill_logits(
-        self, slot: int, tokens: Sequence[int], *, all_logits: bool = True
+        self, slot: int, tokens: Sequence[int], *, all_logits: bool = True, start: int = 0
     ) -> np.ndarray:
-        padded = self._check_prefill(slot, tokens)
+        padded = self._check_prefill(slot, tokens, start)
         ids = [int(t) for t in tokens]
         message = {"op": "prefill", "slot": slot, "tokens": ids, "all_logits": all_logits}
         return self._run(message, lambda: self._prefill_local(slot, ids, padded, all_logits))

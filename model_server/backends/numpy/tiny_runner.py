@@ -37,9 +37,9 @@ class TinyRunner(RunnerChecks, LogitsRunner):
         return self._weights
 
     def prefill_logits(
-        self, slot: int, tokens: Sequence[int], *, all_logits: bool = True
+        self, slot: int, tokens: Sequence[int], *, all_logits: bool = True, start: int = 0
     ) -> np.ndarray:
-        self._check_prefill(slot, tokens)
+        self._check_prefill(slot, tokens, start)
         self._slots[slot] = list(tokens)
         n = len(tokens)
         positions = range(1, n + 1) if all_logits else [n]

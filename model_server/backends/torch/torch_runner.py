@@ -1,13 +1,14 @@
 """The torch runner: the engine's `Runner` over a PyTorch Llama on CPU or CUDA.
 
 It owns a Llama model and its static KV cache of `num_slots` slots of `max_seq_len` positions
-(the config's INPUT_SEQ_LEN + MAX_DECODE_STEPS). Prompts are padded to the smallest bucket key
-that holds them (the config's BUCKET_KEYS, or INPUT_SEQ_LEN, then the slot length for longer
-sequences such as scored prefix + suffix), and the attended length of a decode step to a
-multiple of SPAN_STEP (or the slot length), so the device sees few distinct shapes. Decode
-batches run at their exact size (eager torch gains nothing from padding rows), in chunks of at
-most the largest BATCH_SIZE; when a batch's slots are consecutive (the usual case: the lowest
-free slot goes first) the cache is attended in place instead of gathered.
+(the config's INPUT_SEQ_LEN + MAX_DECODE_STEPS). An engine step runs in one pass through the
+model (`step_logits`): every prompt chunk the scheduler handed out (several prompts, or later
+pieces of long ones: the runner prefills in chunks) and every decode row share each layer's
+matrix products. Prompts and decode batches run at their exact size (eager torch gains nothing
+from padding); the attended length of decode rows is rounded up to a multiple of SPAN_STEP (or
+the slot length), in groups of at most the largest BATCH_SIZE; when a group's slots are
+consecutive (the usual case: the lowest free slot goes first) the cache is attended in place
+instead of gathered.
 
 Every method runs under `torch.inference_mode`; logits come back as float32 numpy arrays and
 are sampled on the host (`model_server.backends.logits_runner`).
@@ -25,7 +26,8 @@ import torch
 
 from model_server.backends.logits_runner import LogitsRunner, RunnerChecks, smallest_at_least
 from model_server.backends.torch.weights import build_model
-from model_server.models.llama_torch import LlamaForCausalLM
+from model_server.engine.scheduler import SchedulerOutput
+from model_server.models.llama_torch import Chunk, DecodeRows, LlamaForCausalLM, Part
 from sax.errors import FailedPreconditionError, InvalidArgumentError
 from servables.configs.llama import LlamaConfig
 
@@ -66,62 +68,81 @@ class TorchRunner(RunnerChecks, LogitsRunner):
         self._lock = threading.Lock()
         with torch.inference_mode():
             model.allocate_cache(num_slots, self.max_seq_len)
-        self._input_device = model.devices[0]
 
     def _live(self) -> LlamaForCausalLM:
         if self._model is None:
             raise FailedPreconditionError("the runner was closed; load the model again")
         return self._model
 
+    chunked_prefill = True
+
     def prefill_logits(
-        self, slot: int, tokens: Sequence[int], *, all_logits: bool = True
+        self, slot: int, tokens: Sequence[int], *, all_logits: bool = True, start: int = 0
     ) -> np.ndarray:
         n = len(tokens)
-        padded = self._check_prefill(slot, tokens)
-        ids = torch.zeros(padded, dtype=torch.long)
-        ids[:n] = torch.tensor(list(tokens), dtype=torch.long)
+        self._check_prefill(slot, tokens, start)
         with self._lock, torch.inference_mode():
             model = self._live()
-            hidden = model.prefill(ids.to(self._input_device), slot)  # [T, D]
-            hidden = hidden[:n] if all_logits else hidden[n - 1 : n]
+            ids = torch.tensor(list(tokens), dtype=torch.long)
+            hidden = model.step(ids, [Chunk(slot, start, n)])  # [T, D]
+            hidden = hidden if all_logits else hidden[n - 1 : n]
             return model.logits(hidden).cpu().numpy()
 
     def decode_logits(
         self, slots: Sequence[int], tokens: Sequence[int], positions: Sequence[int]
     ) -> np.ndarray:
-        n = len(slots)
         self._check_decode(slots, tokens, positions)
-        largest = self.batch_sizes[-1]
         with self._lock, torch.inference_mode():
             model = self._live()
-            parts = [
-                self._decode_batch(
-                    model,
-                    slots[i : i + largest],
-                    tokens[i : i + largest],
-                    positions[i : i + largest],
-                )
-                for i in range(0, n, largest)
-            ]
-        return (parts[0] if len(parts) == 1 else torch.cat(parts)).numpy()
+            ids = torch.tensor(list(tokens), dtype=torch.long)
+            hidden = model.step(ids, self._decode_parts(slots, positions))  # [B, D]
+            return model.logits(hidden).cpu().numpy()
 
-    def _decode_batch(
-        self,
-        model: LlamaForCausalLM,
-        slots: Sequence[int],
-        tokens: Sequence[int],
-        positions: Sequence[int],
-    ) -> torch.Tensor:
-        span = smallest_at_least(self.spans, max(positions) + 1)
-        assert span is not None
-        device = self._input_device
-        ids = torch.tensor(tokens, dtype=torch.long).to(device)
-        rows = torch.tensor(slots, dtype=torch.long).to(device)
-        pos = torch.tensor(positions, dtype=torch.long).to(device)
-        first = slots[0]
-        consecutive = all(s == first + i for i, s in enumerate(slots))
-        hidden = model.decode(ids, rows, pos, span, first if consecutive else None)  # [B, D]
-        return model.logits(hidden).cpu()
+    def _decode_parts(self, slots: Sequence[int], positions: Sequence[int]) -> list[DecodeRows]:
+        """Decode rows in groups of at most the largest batch size, each attending to a span
+        rounded up to SPAN_STEP, in place when its slots are consecutive."""
+        largest = self.batch_sizes[-1]
+        parts = []
+        for i in range(0, len(slots), largest):
+            group, pos = tuple(slots[i : i + largest]), tuple(positions[i : i + largest])
+            span = smallest_at_least(self.spans, max(pos) + 1)
+            assert span is not None
+            first = group[0]
+            consecutive = all(s == first + j for j, s in enumerate(group))
+            parts.append(DecodeRows(group, pos, span, first if consecutive else None))
+        return parts
+
+    def step_logits(self, work: SchedulerOutput) -> np.ndarray:
+        """Every prompt chunk and decode row of the step in one pass through the model."""
+        tokens: list[int] = []
+        parts: list[Part] = []
+        wanted: list[int] = []  # rows of the pass whose logits are sampled, in output order
+        for p in work.prefills:
+            chunk = p.chunk
+            self._check_prefill(p.slots[0], chunk, p.start)
+            parts.append(Chunk(p.slots[0], p.start, len(chunk)))
+            tokens += chunk
+            if p.final:
+                wanted += [len(tokens) - 1] * len(p.slots)
+        for batch in work.decodes:
+            self._check_decode(batch.slots, batch.tokens, batch.positions)
+            wanted += range(len(tokens), len(tokens) + len(batch.tokens))
+            parts += self._decode_parts(batch.slots, batch.positions)
+            tokens += batch.tokens
+        if not parts:
+            return np.zeros((0, self.vocab_size), np.float32)
+        with self._lock, torch.inference_mode():
+            model = self._live()
+            hidden = model.step(torch.tensor(tokens, dtype=torch.long), parts)  # [N, D]
+            for p in work.prefills:
+                if p.final:
+                    for slot in p.slots[1:]:
+                        self._check_copy(p.slots[0], slot, len(p.tokens))
+                        model.copy_slot(p.slots[0], slot, len(p.tokens))
+            if not wanted:
+                return np.zeros((0, self.vocab_size), np.float32)
+            rows = torch.tensor(wanted, device=hidden.device)
+            return model.logits(hidden.index_select(0, rows)).cpu().numpy()
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         if not self._check_copy(src, dst, length):

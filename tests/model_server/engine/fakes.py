@@ -140,15 +140,26 @@ class FakeRunner(LogitsRunner):
         self.log: list[tuple[Any, ...]] = []
         self._hashes: list[list[int | None]] = [[None] * max_seq_len for _ in range(num_slots)]
 
+    chunked_prefill = True
+
     def prefill_logits(
-        self, slot: int, tokens: Sequence[int], *, all_logits: bool = True
+        self, slot: int, tokens: Sequence[int], *, all_logits: bool = True, start: int = 0
     ) -> np.ndarray:
-        assert 0 < len(tokens) <= self.max_seq_len and 0 <= slot < self.num_slots
-        self.log.append(("prefill", slot, tuple(tokens)))
-        hashes = context_hashes(tokens)
+        end = start + len(tokens)
+        assert len(tokens) > 0 and end <= self.max_seq_len and 0 <= slot < self.num_slots
+        self.log.append(("prefill", slot, tuple(tokens)) if not start else ("chunk", slot, start))
         row = self._hashes[slot]
-        row[: len(hashes)] = hashes
-        row[len(hashes) :] = [None] * (self.max_seq_len - len(hashes))
+        if start:
+            before = row[start - 1]
+            assert before is not None, f"slot {slot} has nothing at position {start - 1}"
+            hashes = []
+            for t in tokens:
+                before = _mix(before, t)
+                hashes.append(before)
+        else:
+            hashes = context_hashes(tokens)
+        row[start:end] = hashes
+        row[end:] = [None] * (self.max_seq_len - end)
         wanted = hashes if all_logits else hashes[-1:]
         return np.stack([logits_after(h, self.eos_period) for h in wanted])
 

@@ -401,3 +401,46 @@ def test_finish_reasons_reach_the_outputs(tmp_path: pathlib.Path) -> None:
     assert reasons == [FinishReason.STOP, FinishReason.STOP]
     assert outputs[-1].finished and all(len(o.samples) == 2 for o in outputs)
     assert ["".join(o.samples[i].text for o in outputs) for i in (0, 1)] == [full[:3]] * 2
+
+
+def test_chunked_prefill_gives_the_tokens_of_whole_prompts(tmp_path: pathlib.Path) -> None:
+    """With a budget of 6 tokens a step, prompts of 10 to 30 tokens are prefilled in chunks
+    beside the running decodes; every text still equals the cache-free reference."""
+    runner = FakeRunner(num_slots=4)
+    tok = Tokenizer.from_dir(write_tokenizer(tmp_path))
+    engine = Engine(
+        runner, decode=tok.decode, eos_ids=[EOS], max_queue=8, max_batch_size=4, token_budget=6
+    )
+    prompts = ["a longer prompt, chunked", "short one", "x" * 30, "the fourth of them"]
+    outputs: dict[int, list[RequestOutput]] = {}
+    lock = threading.Lock()
+    try:
+        for i, prompt in enumerate(prompts):
+            rid = engine.new_request_id()
+            outputs[rid] = []
+
+            def put(output: RequestOutput, rid: int = rid) -> None:
+                with lock:
+                    outputs[rid].append(output)
+
+            request = Request(
+                rid,
+                RequestKind.GENERATE,
+                tuple(tok.encode(prompt)),
+                samples=(SampleOptions(),) * (1 + i % 2),
+                max_decode_steps=8,
+            )
+            engine.submit(request, put)
+        wait_for(
+            lambda: all(o and o[-1].finished for o in outputs.values()), what="all requests done"
+        )
+    finally:
+        engine.close()
+    assert any(entry[0] == "chunk" for entry in runner.log)  # some prompt was split
+    for (rid, outs), prompt in zip(sorted(outputs.items()), prompts, strict=True):
+        assert all(o.error is None for o in outs)
+        samples = len(outs[-1].samples)
+        texts = [
+            "".join(s.text for o in outs for s in o.samples if s.index == i) for i in range(samples)
+        ]
+        assert texts == [expected(tok, prompt, 8)] * samples, rid

@@ -42,7 +42,7 @@ def score(rid: int) -> Request:
     return Request(rid, RequestKind.SCORE, prompt=(1, 2), suffixes=((3,), (4, 5)))
 
 
-def make(num_slots: int = 4, **kwargs: int) -> Scheduler:
+def make(num_slots: int = 4, **kwargs: int | bool) -> Scheduler:
     kwargs.setdefault("max_queue", 8)
     kwargs.setdefault("max_batch_size", 4)
     return Scheduler(num_slots, 32, **kwargs)  # type: ignore[arg-type]
@@ -240,14 +240,14 @@ def test_score_requests_borrow_a_slot_for_one_step() -> None:
 
 
 def test_prefill_token_budget_spreads_admissions_over_steps() -> None:
-    s = make(num_slots=4, max_prefill_tokens=5)
+    s = make(num_slots=4, token_budget=5)
     for rid in (1, 2, 3):
         s.add(gen(rid, prompt_len=3))
     out, _, _ = run_step(s)
     assert [w.request_id for w in out.prefills] == [1]  # 3 + 3 > 5
     out, _, _ = run_step(s)
     assert [w.request_id for w in out.prefills] == [2]
-    big = make(num_slots=2, max_prefill_tokens=2)
+    big = make(num_slots=2, token_budget=2)
     big.add(gen(1, prompt_len=4))
     assert big.schedule(0.0).prefills  # a request longer than the budget still runs alone
 
@@ -271,3 +271,109 @@ def test_drain_forgets_everything() -> None:
     s.abort(3, CancelledError("x"))
     assert sorted(s.drain()) == [1, 2, 3]
     assert s.num_free_slots == 1 and not s.has_work()
+
+
+def prompt_chunks(s: Scheduler, rid: int, steps: int) -> list[tuple[int, int, bool]]:
+    """Runs `steps` steps; the (start, end, final) chunks request rid got, in order."""
+    chunks = []
+    for _ in range(steps):
+        out, _, _ = run_step(s)
+        chunks += [(w.start, w.end, w.final) for w in out.prefills if w.request_id == rid]
+    return chunks
+
+
+def test_decode_rows_run_every_step_while_a_long_prompt_is_chunked() -> None:
+    s = make(num_slots=4, token_budget=8, chunked_prefill=True)
+    s.add(gen(1, prompt_len=3, steps=20))
+    run_step(s)  # request 1 prefilled; it decodes from now on
+    s.add(gen(2, prompt_len=20, steps=4))
+    seen = []
+    for _ in range(3):
+        out, _, _ = run_step(s)
+        assert out.num_tokens <= 8
+        assert [k for b in out.decodes for k in b.keys] == [(1, 0)]  # never held back
+        seen += [(w.start, w.end, w.final) for w in out.prefills]
+    assert seen == [(0, 7, False), (7, 14, False), (14, 20, True)]  # 1 decode + 7 prompt
+    out, _, _ = run_step(s)
+    assert sorted(k for b in out.decodes for k in b.keys) == [(1, 0), (2, 0)]
+
+
+def test_a_sample_gets_its_first_token_only_after_the_last_chunk() -> None:
+    s = make(num_slots=4, token_budget=4, chunked_prefill=True)
+    s.add(gen(1, prompt_len=10, samples=2, steps=2))
+    out = s.schedule(0.0)
+    (work,) = out.prefills
+    assert (work.chunk, work.slots, work.final) == ((1, 2, 3, 4), (0, 1), False)
+    assert s.update(out, {}, {}).finished == ()  # no token expected yet
+    out, _, _ = run_step(s)
+    assert [(w.start, w.end) for w in out.prefills] == [(4, 8)] and not out.decodes
+    out = s.schedule(0.0)
+    assert [(w.start, w.end, w.final) for w in out.prefills] == [(8, 10, True)]
+    with pytest.raises(InternalError, match="no token"):
+        s.update(out, {(1, 0): 5}, {})  # the final chunk samples every sample
+
+
+def test_several_prompts_share_a_step_within_the_budget() -> None:
+    s = make(num_slots=4, token_budget=10, chunked_prefill=True)
+    for rid, n in ((1, 3), (2, 4), (3, 6)):
+        s.add(gen(rid, prompt_len=n))
+    out, _, _ = run_step(s)
+    assert [(w.request_id, w.start, w.end) for w in out.prefills] == [
+        (1, 0, 3),
+        (2, 0, 4),
+        (3, 0, 3),  # what is left of the budget
+    ]
+    out, _, _ = run_step(s)
+    # Request 3's rest goes before anything new; the two done prompts decode beside it.
+    assert [(w.request_id, w.start, w.end) for w in out.prefills] == [(3, 3, 6)]
+    assert sorted(k for b in out.decodes for k in b.keys) == [(1, 0), (2, 0)]
+
+
+def test_a_chunked_prompt_keeps_its_place_before_later_requests() -> None:
+    s = make(num_slots=4, token_budget=5, chunked_prefill=True)
+    s.add(gen(1, prompt_len=12))
+    s.add(gen(2, prompt_len=2))
+    chunks = []
+    for _ in range(3):
+        out, _, _ = run_step(s)
+        chunks.append([(w.request_id, w.start, w.end) for w in out.prefills])
+    assert chunks[0] == [(1, 0, 5)]
+    assert chunks[1] == [(1, 5, 10)]
+    # Request 1's last 2 tokens, then request 2 in the rest (1 decode row is not yet due).
+    assert chunks[2] == [(1, 10, 12), (2, 0, 2)]
+
+
+def test_prompts_progress_while_decode_rows_fill_the_budget() -> None:
+    s = make(num_slots=8, max_batch_size=8, token_budget=4, chunked_prefill=True)
+    for rid in range(1, 5):
+        s.add(gen(rid, prompt_len=1, steps=30))
+    run_step(s)  # four samples decode: they alone fill the budget
+    s.add(gen(9, prompt_len=5))
+    assert prompt_chunks(s, 9, 5) == [
+        (0, 1, False),
+        (1, 2, False),
+        (2, 3, False),
+        (3, 4, False),
+        (4, 5, True),
+    ]  # a quarter of 4 each step
+
+
+def test_without_chunking_a_prompt_waits_for_room_or_runs_alone() -> None:
+    s = make(num_slots=4, token_budget=6)
+    s.add(gen(1, prompt_len=4))
+    s.add(gen(2, prompt_len=4))
+    out, _, _ = run_step(s)
+    assert [(w.request_id, w.final) for w in out.prefills] == [(1, True)]  # 4 + 4 > 6
+    out, _, _ = run_step(s)  # 1 decode row + 4 prompt tokens fit
+    assert [w.request_id for w in out.prefills] == [2]
+
+
+def test_aborting_a_request_between_its_chunks_frees_its_slots() -> None:
+    s = make(num_slots=2, token_budget=4, chunked_prefill=True)
+    s.add(gen(1, prompt_len=10, samples=2))
+    run_step(s)
+    assert s.num_free_slots == 0
+    assert s.abort(1, CancelledError("gone"))
+    out, _, _ = run_step(s)
+    assert [a.request_id for a in out.aborted] == [1] and not out.prefills
+    assert s.num_free_slots == 2 and not s.has_work()

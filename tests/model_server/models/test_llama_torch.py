@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Iterator
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from model_server.backends.torch.weights import build_model, load_weights, param_device, place
-from model_server.models.llama_torch import LlamaForCausalLM
+from model_server.models.llama_torch import Chunk, DecodeRows, LlamaForCausalLM
 from sax.errors import FailedPreconditionError
 from servables.configs.llama import LlamaConfig
 
@@ -92,12 +93,40 @@ def test_prefill_and_decode_match_transformers() -> None:
     ref = hf_logits(hf, tokens)[0]  # [T, V]
     with torch.inference_mode():
         model.allocate_cache(num_slots=3, slot_len=TINY.slot_len)
-        hidden = model.prefill(tokens[0, :16], slot=1)
+        hidden = model.step(tokens[0, :16], [Chunk(1, 0, 16)])
         torch.testing.assert_close(model.logits(hidden), ref[:16], atol=1e-5, rtol=1e-5)
         for pos in range(16, 24):
-            one = torch.tensor([pos])
-            hidden = model.decode(tokens[0, pos : pos + 1], torch.tensor([1]), one, span=32)
+            rows = DecodeRows((1,), (pos,), span=32, first_slot=1 if pos % 2 else None)
+            hidden = model.step(tokens[0, pos : pos + 1], [rows])
             torch.testing.assert_close(model.logits(hidden)[0], ref[pos], atol=1e-5, rtol=1e-5)
+
+
+def test_one_pass_mixes_prompt_chunks_and_decode_rows() -> None:
+    """A step with a prompt's first chunk, another prompt's later chunk and decode rows of two
+    slots gives each token the logits of its own sequence run alone."""
+    hf = hf_model(TINY)
+    model = build_model(TINY, hf.state_dict().items())
+    gen = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(0, TINY.vocab_size, (20,), generator=gen) for _ in range(4)]
+    refs = [hf_logits(hf, s[None])[0] for s in seqs]  # [20, V] each
+    with torch.inference_mode():
+        model.allocate_cache(num_slots=5, slot_len=TINY.slot_len)
+        # Slots 0, 1, 3 hold 12, 8 and 15 positions of sequences 0, 1, 3 already.
+        model.step(seqs[0][:12], [Chunk(0, 0, 12)])
+        model.step(seqs[1][:8], [Chunk(1, 0, 8)])
+        model.step(seqs[3][:15], [Chunk(3, 0, 15)])
+        parts = [
+            Chunk(2, 0, 6),  # sequence 2's first chunk
+            Chunk(1, 8, 5),  # sequence 1's next chunk, attending to its cached 8
+            DecodeRows((0, 3), (12, 15), span=32),  # one token each, gathered slots
+        ]
+        tokens = torch.cat((seqs[2][:6], seqs[1][8:13], seqs[0][12:13], seqs[3][15:16]))
+        logits = model.logits(model.step(tokens, parts))  # [13, V]
+        close = functools.partial(torch.testing.assert_close, atol=1e-5, rtol=1e-5)
+        close(logits[:6], refs[2][:6])
+        close(logits[6:11], refs[1][8:13])
+        close(logits[11], refs[0][12])
+        close(logits[12], refs[3][15])
 
 
 def test_tied_output_projection_shares_the_embedding() -> None:

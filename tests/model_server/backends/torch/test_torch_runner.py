@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from model_server.backends.torch.torch_runner import TorchRunner, build_runner
+from model_server.engine.request import SampleOptions
+from model_server.engine.scheduler import DecodeBatch, PrefillWork, SchedulerOutput
 from sax.errors import FailedPreconditionError, InvalidArgumentError
 from servables.configs.llama import LlamaConfig
 
@@ -205,3 +207,33 @@ def test_cuda_matches_cpu(runner: TorchRunner) -> None:
     b = torch.from_numpy(runner.decode_logits([0], [3], [13]))
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     gpu.close()
+
+
+def test_a_step_runs_chunks_whole_prompts_and_decodes_in_one_pass(runner: TorchRunner) -> None:
+    """step_logits of mixed work equals each sequence's cache-free pass: a prompt split over
+    two steps, a whole prompt with two samples, and decode rows beside them."""
+    a, b, c = tokens_of(11, 40), tokens_of(6, 41), tokens_of(9, 42)
+    runner.prefill_logits(4, c[:8])
+    first = SchedulerOutput(
+        step=1,
+        prefills=(
+            PrefillWork(1, tuple(a), (0,), (SampleOptions(),), start=0, stop=5),
+            PrefillWork(2, tuple(b), (1, 2), (SampleOptions(),) * 2),
+        ),
+        decodes=(DecodeBatch(((3, 0),), (4,), (c[8],), (8,)),),
+    )
+    rows = torch.from_numpy(runner.step_logits(first))  # b's two samples, then c's row
+    assert rows.shape == (3, CONFIG.vocab_size)
+    torch.testing.assert_close(rows[0], full_forward(runner, b)[-1], atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(rows[1], rows[0])
+    torch.testing.assert_close(rows[2], full_forward(runner, c)[-1], atol=ATOL, rtol=ATOL)
+    second = SchedulerOutput(
+        step=2,
+        prefills=(PrefillWork(1, tuple(a), (0,), (SampleOptions(),), start=5),),
+        decodes=(DecodeBatch(((2, 0), (2, 1)), (1, 2), (7, 8), (6, 6)),),
+    )
+    rows = torch.from_numpy(runner.step_logits(second))
+    torch.testing.assert_close(rows[0], full_forward(runner, a)[-1], atol=ATOL, rtol=ATOL)
+    for row, token in ((1, 7), (2, 8)):  # the copied slot diverges from the first
+        ref = full_forward(runner, [*b, token])[-1]
+        torch.testing.assert_close(rows[row], ref, atol=ATOL, rtol=ATOL)
