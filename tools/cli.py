@@ -138,10 +138,10 @@ def _missing_extra(command: str, err: ModuleNotFoundError) -> NoReturn:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """convert --from gguf|hf|meta SRC DST [--dtype D] [--shard-size S]"""
-    from tools.convert import convert
-
     bar = None if args.quiet else _Bar(f"converting {os.path.basename(args.src.rstrip('/'))}")
     try:
+        from tools.convert import convert  # numpy and the format's readers
+
         path = convert(
             args.source_format,
             args.src,
