@@ -8,7 +8,8 @@ transformers and llama.cpp on the same SmolLM2-135M GGUF file, on the same machi
 2. Drives it through the `sax` client (GenerateStream): fixed concurrency 1, 4, 16, 64 on random
    prompts of exactly 128 tokens asking for exactly 128 tokens (end-of-sequence ignored), the
    chat set (benchmarks/prompts/chat.jsonl, ends at end-of-sequence) and Poisson arrivals.
-3. The same requests to our engine in-process (no gRPC), to its weight-only int8 mode, to
+3. The same requests to our engine in-process (no gRPC), with DTYPE=auto (bfloat16 on CPUs
+   with AVX-512 BF16 or AMX), to its weight-only int8 mode, to
    transformers `generate` over static batches of the same sizes, and to llama.cpp
    (llama-cpp-python: one Llama object, requests serialized, as its Python server does by
    default). A baseline whose package is missing is skipped, saying so.
@@ -59,7 +60,7 @@ logger = logging.getLogger("serve")
 
 MODEL = "llama.SmolLM2_135M"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-ALL_SYSTEMS = ("grpc", "inprocess", "int8", "hf", "llamacpp")
+ALL_SYSTEMS = ("grpc", "inprocess", "auto", "int8", "hf", "llamacpp")
 OURS = "ours (gRPC)"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sax-bench"
 
@@ -290,13 +291,19 @@ class Bench:
         results, wall = loadgen.poisson(system, prompts, rate, self.count_tokens)
         self.record(system.name, "random", f"poisson@{rate:.2f}", results, wall)
 
-    def _servable(self, quantization: str) -> tuple[Any, Any, dict[str, float]]:
+    def _servable(
+        self, quantization: str, dtype: str = "float32"
+    ) -> tuple[Any, Any, dict[str, float]]:
         """Our servable in this process, with the load phases timed."""
         from model_server.loader import build_servable
         from servables import registry
         from servables.servable_config import apply_overrides
 
-        overrides = {**overrides_for(self.plan), "QUANTIZATION": json.dumps(quantization)}
+        overrides = {
+            **overrides_for(self.plan),
+            "QUANTIZATION": json.dumps(quantization),
+            "DTYPE": json.dumps(dtype),
+        }
         config = apply_overrides(registry.get(MODEL), overrides)
         times: dict[str, float] = {}
         servable = build_servable(config, str(self.checkpoint), timings=times)
@@ -307,11 +314,13 @@ class Bench:
         times["warm_up_first_request_s"] = time.perf_counter() - t
         return servable, config, times
 
-    def inprocess(self, quantization: str, name: str, levels: Sequence[int]) -> None:
+    def inprocess(
+        self, quantization: str, name: str, levels: Sequence[int], dtype: str = "float32"
+    ) -> None:
         from sax.errors import SaxError
 
         try:
-            servable, config, times = self._servable(quantization)
+            servable, config, times = self._servable(quantization, dtype)
         except SaxError as e:
             self.skip(name, f"the servable does not load: {e}")
             return
@@ -423,6 +432,12 @@ def run(args: argparse.Namespace) -> str:
     phases: list[tuple[str, Callable[[], None]]] = [
         ("grpc", bench.grpc),
         ("inprocess", lambda: bench.inprocess("none", "ours (in-process)", plan.concurrency)),
+        (
+            "auto",
+            lambda: bench.inprocess(
+                "none", "ours DTYPE=auto (in-process)", plan.int8_concurrency, "auto"
+            ),
+        ),
         ("int8", lambda: bench.inprocess("int8", "ours int8 (in-process)", plan.int8_concurrency)),
         ("bandwidth", bench.bandwidth),
         ("hf", bench.hf),

@@ -46,9 +46,10 @@ def _torch_runner(config: Any, ckpt: Checkpoint, chip: str) -> Runner:
     import torch
 
     from model_server.backends.torch.torch_runner import build_runner
+    from model_server.backends.torch.weights import resolve_dtype
 
     device = device_for(chip)
-    dtype = getattr(torch, config.dtype)
+    dtype = getattr(torch, resolve_dtype(config.dtype, torch.device(device)))
     return build_runner(config, ckpt.iter_tensors(device=device, dtype=dtype), device)
 
 

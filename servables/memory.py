@@ -28,7 +28,9 @@ from sax.errors import InvalidArgumentError
 if TYPE_CHECKING:
     from servables.servable_config import Architecture, ServableConfig
 
-DTYPE_BYTES: Mapping[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
+# "auto" is resolved by the backend on the machine (bfloat16 where the hardware computes in
+# it, else float32); estimates count it as float32, the widest it can become.
+DTYPE_BYTES: Mapping[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 4}
 QUANTIZATIONS = ("none", "int8")
 _LAYER_RE = re.compile(r"^(model\.layers\.\d+)\.")
 

@@ -77,7 +77,9 @@ class ServableConfig:
     num_samples: int = 1
     # Device mesh (ICI_MESH_SHAPE); its product is the number of devices needed.
     ici_mesh_shape: tuple[int, ...] = (1, 1, 1)
-    # Weight dtype: "float32", "bfloat16", "float16".
+    # Weight dtype: "float32", "bfloat16", "float16", or "auto": the backend picks at load
+    # (bfloat16 on TPUs, on GPUs that compute in it and on CPUs with AVX-512 BF16 or AMX;
+    # float32 elsewhere).
     dtype: str = "float32"
     # Weight quantization: "none" or "int8".
     quantization: str = "none"
@@ -154,8 +156,10 @@ class ServableConfig:
             raise InvalidArgumentError(
                 f"ICI_MESH_SHAPE must be positive, got {list(self.ici_mesh_shape)}"
             )
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise InvalidArgumentError(f"dtype must be float32, bfloat16 or float16: {self.dtype}")
+        if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
+            raise InvalidArgumentError(
+                f"dtype must be float32, bfloat16, float16 or auto: {self.dtype}"
+            )
         if self.quantization not in ("none", "int8"):
             raise InvalidArgumentError(f"quantization must be none or int8: {self.quantization}")
         if self.ram < 0:

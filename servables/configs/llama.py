@@ -244,7 +244,7 @@ class LlamaConfig(ServableConfig):
     # for every running sample, the rest for prompts, which backends that can (torch) split
     # into chunks over several steps; 0: no limit (every prompt that finds slots runs whole).
     # Smaller keeps decodes flowing while long prompts arrive; larger starts prompts sooner.
-    max_num_batched_tokens: int = 512
+    max_num_batched_tokens: int = 2048
 
     dtype: str = "bfloat16"
     batch_sizes: tuple[int, ...] = (1,)

@@ -86,3 +86,14 @@ def test_refusals() -> None:
         estimate_memory(shape, dtype="int4")
     with pytest.raises(InvalidArgumentError, match="unknown quantization"):
         estimate_memory(shape, dtype="float32", quantization="fp8")
+
+
+def test_dtype_auto_is_estimated_as_float32() -> None:
+    base = registry.get("llama.SmolLM2_135M")
+    auto = dataclasses.replace(base, dtype="auto")
+    auto.validate()
+    assert estimate_llama(auto) == dataclasses.replace(
+        estimate_llama(dataclasses.replace(base, dtype="float32")), dtype="auto"
+    )
+    with pytest.raises(InvalidArgumentError, match="float16 or auto"):
+        dataclasses.replace(base, dtype="int4").validate()

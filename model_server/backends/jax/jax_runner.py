@@ -14,6 +14,7 @@ their own runner, since every process must run every step of a multi-process mes
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import logging
@@ -228,6 +229,10 @@ def build_jax_runner(
     """Builds the runner: mesh, weights streamed onto their shards, KV cache of `num_slots`
     slots (default: the largest batch size), then the warm-up compilation."""
     config.validate()
+    if config.dtype == "auto":  # TPUs compute in bfloat16; XLA's CPU kernels in float32
+        dtype = "bfloat16" if jax.devices()[0].platform == "tpu" else "float32"
+        logger.info("DTYPE auto: %s on %s", dtype, jax.devices()[0].platform)
+        config = dataclasses.replace(config, dtype=dtype)
     if config.quantization != "none":
         raise FailedPreconditionError(
             f"the JAX engine serves unquantized weights only, not {config.quantization!r}; "

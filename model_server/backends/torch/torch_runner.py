@@ -17,6 +17,7 @@ are sampled on the host (`model_server.backends.logits_runner`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from model_server.backends.logits_runner import LogitsRunner, RunnerChecks, smallest_at_least
-from model_server.backends.torch.weights import build_model
+from model_server.backends.torch.weights import build_model, resolve_dtype
 from model_server.engine.scheduler import SchedulerOutput
 from model_server.models.llama_torch import Chunk, DecodeRows, LlamaForCausalLM, Part
 from sax.errors import FailedPreconditionError, InvalidArgumentError
@@ -197,6 +198,10 @@ def build_runner(
     if slots <= 0:
         raise InvalidArgumentError(f"num_slots must be positive, got {slots}")
     devices = resolve_devices(config, device)
+    if config.dtype == "auto":
+        dtype = resolve_dtype(config.dtype, devices[0])
+        logger.info("DTYPE auto: %s on %s", dtype, devices[0])
+        config = dataclasses.replace(config, dtype=dtype)
     with torch.no_grad(), _one_cpu_thread():
         model = build_model(config, tensors, devices)
         runner = TorchRunner(config, model, slots)

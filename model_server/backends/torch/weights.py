@@ -29,6 +29,22 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _MISMATCH_HINT = "check that the config name matches the checkpoint"
 
 
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """DTYPE "auto" on `device`: bfloat16 on CUDA devices that compute in it (float16 on older
+    ones) and on CPUs with AVX-512 BF16 or AMX tiles, whose oneDNN kernels compute in it;
+    float32 on other CPUs, where bfloat16 is converted in software. Other dtypes as they
+    are."""
+    if dtype != "auto":
+        return dtype
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if device.type == "cpu" and (
+        torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    ):
+        return "bfloat16"
+    return "float32"
+
+
 def _check_config(config: LlamaConfig) -> None:
     if config.quantization not in ("none", "int8"):
         raise FailedPreconditionError(

@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from model_server.backends.torch.torch_runner import TorchRunner, build_runner
+from model_server.backends.torch.weights import resolve_dtype
 from model_server.engine.request import SampleOptions
 from model_server.engine.scheduler import DecodeBatch, PrefillWork, SchedulerOutput
 from sax.errors import FailedPreconditionError, InvalidArgumentError
@@ -237,3 +239,16 @@ def test_a_step_runs_chunks_whole_prompts_and_decodes_in_one_pass(runner: TorchR
     for row, token in ((1, 7), (2, 8)):  # the copied slot diverges from the first
         ref = full_forward(runner, [*b, token])[-1]
         torch.testing.assert_close(rows[row], ref, atol=ATOL, rtol=ATOL)
+
+
+def test_dtype_auto_follows_the_cpu() -> None:
+    bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert resolve_dtype("auto", torch.device("cpu")) == ("bfloat16" if bf16 else "float32")
+    assert resolve_dtype("float16", torch.device("cpu")) == "float16"
+    config = dataclasses.replace(CONFIG, dtype="auto")
+    config.validate()
+    auto = build_runner(config, random_weights(config).items(), num_slots=1)
+    expected = torch.bfloat16 if bf16 else torch.float32
+    assert auto._live().lm_head.weight.dtype == expected
+    assert auto.prefill_logits(0, tokens_of(5, 1)).dtype == np.float32
+    auto.close()
