@@ -8,6 +8,7 @@ imported only when a config needs them, so loading a TinyLM imports neither torc
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, MutableMapping
@@ -49,8 +50,9 @@ def _torch_runner(config: Any, ckpt: Checkpoint, chip: str) -> Runner:
     from model_server.backends.torch.weights import resolve_dtype
 
     device = device_for(chip)
-    dtype = getattr(torch, resolve_dtype(config.dtype, torch.device(device)))
-    return build_runner(config, ckpt.iter_tensors(device=device, dtype=dtype), device)
+    config = dataclasses.replace(config, dtype=resolve_dtype(config.dtype, torch.device(device)))
+    tensors = ckpt.iter_tensors(device=device, dtype=getattr(torch, config.dtype))
+    return build_runner(config, tensors, device)
 
 
 def _jax_runner(config: Any, ckpt: Checkpoint, chip: str) -> Runner:

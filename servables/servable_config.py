@@ -67,7 +67,9 @@ class ServableConfig:
 
     # Padded batch sizes the runner compiles for (BATCH_SIZE; an int means one size).
     batch_sizes: tuple[int, ...] = (1,)
-    # Padded prompt lengths (BUCKET_KEYS); empty means one bucket of input_seq_len.
+    # Prompt length buckets (BUCKET_KEYS); empty means one bucket of input_seq_len. The JAX
+    # backend compiles one prefill per bucket (prompts padded to the smallest that holds them);
+    # torch runs prompts at their length. The largest bucket also caps the prompt length.
     bucket_keys: tuple[int, ...] = ()
     # Longest prompt in tokens (INPUT_SEQ_LEN).
     input_seq_len: int = 256

@@ -38,6 +38,8 @@ class RunnerChecks:
     # Decode batch sizes and prefill lengths, ascending.
     batch_sizes: tuple[int, ...]
     buckets: tuple[int, ...]
+    # Whether prefills may start past position 0 (set by `LogitsRunner`).
+    chunked_prefill: bool
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots:
@@ -65,13 +67,17 @@ class RunnerChecks:
         the padded length of the tokens."""
         if not tokens:
             raise InvalidArgumentError("prefill needs at least one token")
-        if start < 0 or (start and not getattr(self, "chunked_prefill", False)):
+        if start < 0 or (start and not self.chunked_prefill):
             raise InvalidArgumentError(f"this runner prefills from position 0, not {start}")
         self._check_slot(slot)
         self._check_tokens(tokens)
+        padded = self.bucket(len(tokens))  # INVALID_ARGUMENT, with the fix, if too long
         if start + len(tokens) > self.max_seq_len:
-            self.bucket(start + len(tokens))  # INVALID_ARGUMENT with the slot-length reason
-        return self.bucket(len(tokens))
+            raise InvalidArgumentError(
+                f"prefill positions [{start}, {start + len(tokens)}) pass the {self.max_seq_len} "
+                "positions of a KV cache slot"
+            )
+        return padded
 
     def _check_decode(
         self, slots: Sequence[int], tokens: Sequence[int], positions: Sequence[int]
@@ -167,10 +173,9 @@ class LogitsRunner(abc.ABC):
                     keys.append((p.request_id, i))
         for batch in work.decodes:
             keys.extend(batch.keys)
+        logits = self.step_logits(work)  # runs non-final chunks too
         if not keys:
-            self.step_logits(work)
             return RunnerOutput(scores=scores)
-        logits = self.step_logits(work)
         tokens, logp = sample(logits, [states[k] for k in keys], self.allowed_tokens)
         return RunnerOutput(tuple(keys), tuple(tokens), tuple(logp), scores)
 

@@ -114,14 +114,6 @@ class SchedulerOutput:
     # sampler state.
     released: tuple[SampleKey, ...] = ()
 
-    @property
-    def num_tokens(self) -> int:
-        """Tokens the step runs through the model: prompt chunks, scored sequences and decode
-        rows."""
-        prompts = sum(w.end - w.start for w in self.prefills)
-        scored = sum(len(w.prefix) + len(s) for w in self.scores for s in w.suffixes)
-        return prompts + scored + sum(len(b.keys) for b in self.decodes)
-
     def request_ids(self) -> set[int]:
         """Requests that run in this step."""
         ids = {w.request_id for w in self.scores} | {w.request_id for w in self.prefills}
@@ -164,6 +156,14 @@ class _Running:
     # Prompt positions already in the KV cache (GENERATE); the prompt is prefilled when it is
     # len(request.prompt).
     prefilled: int = 0
+
+
+def _next_chunk(request_id: int, run: _Running, granted: int) -> PrefillWork:
+    """The prefill of the next `granted` prompt tokens of a running GENERATE request."""
+    prompt, start = run.request.prompt, run.prefilled
+    stop = None if start + granted == len(prompt) else start + granted
+    slots = tuple(s.slot for s in run.samples)
+    return PrefillWork(request_id, prompt, slots, run.request.samples, start, stop)
 
 
 class Scheduler:
@@ -402,17 +402,13 @@ class Scheduler:
             return granted
 
         for rid, run in self._running.items():
-            request = run.request
-            todo = len(request.prompt) - run.prefilled
-            if request.kind is not RequestKind.GENERATE or todo <= 0 or run.abort is not None:
+            todo = len(run.request.prompt) - run.prefilled
+            if run.request.kind is not RequestKind.GENERATE or todo <= 0 or run.abort is not None:
                 continue
             granted = take(todo)
             if not granted:
                 break
-            slots = tuple(s.slot for s in run.samples)
-            start = run.prefilled
-            stop = None if granted == todo else start + granted
-            prefills.append(PrefillWork(rid, request.prompt, slots, request.samples, start, stop))
+            prefills.append(_next_chunk(rid, run, granted))
         while self._waiting and (left is None or left > 0):
             request = next(iter(self._waiting.values()))
             if request.slots_needed > self._slots.num_free:
@@ -426,15 +422,12 @@ class Scheduler:
             del self._waiting[request.request_id]
             slots = self._slots.allocate(request.slots_needed)
             rid = request.request_id
+            run = _Running(request, [_Sample(slot=s, position=len(request.prompt)) for s in slots])
+            self._running[rid] = run
             if request.kind is RequestKind.SCORE:
                 scores.append(ScoreWork(rid, slots[0], request.prompt, request.suffixes))
             else:
-                stop = None if granted == len(request.prompt) else granted
-                prefills.append(
-                    PrefillWork(rid, request.prompt, tuple(slots), request.samples, 0, stop)
-                )
-            samples = [_Sample(slot=s, position=len(request.prompt)) for s in slots]
-            self._running[rid] = _Running(request, samples)
+                prefills.append(_next_chunk(rid, run, granted))
         return scores, prefills
 
     def _decode_batches(self) -> tuple[DecodeBatch, ...]:

@@ -118,6 +118,7 @@ class TorchRunner(RunnerChecks, LogitsRunner):
         tokens: list[int] = []
         parts: list[Part] = []
         wanted: list[int] = []  # rows of the pass whose logits are sampled, in output order
+        copies: list[tuple[int, int, int]] = []  # (src, dst, length) after the pass
         for p in work.prefills:
             chunk = p.chunk
             self._check_prefill(p.slots[0], chunk, p.start)
@@ -125,6 +126,9 @@ class TorchRunner(RunnerChecks, LogitsRunner):
             tokens += chunk
             if p.final:
                 wanted += [len(tokens) - 1] * len(p.slots)
+                copies += [(p.slots[0], s, len(p.tokens)) for s in p.slots[1:]]
+        for copy in copies:
+            self._check_copy(*copy)
         for batch in work.decodes:
             self._check_decode(batch.slots, batch.tokens, batch.positions)
             wanted += range(len(tokens), len(tokens) + len(batch.tokens))
@@ -135,11 +139,8 @@ class TorchRunner(RunnerChecks, LogitsRunner):
         with self._lock, torch.inference_mode():
             model = self._live()
             hidden = model.step(torch.tensor(tokens, dtype=torch.long), parts)  # [N, D]
-            for p in work.prefills:
-                if p.final:
-                    for slot in p.slots[1:]:
-                        self._check_copy(p.slots[0], slot, len(p.tokens))
-                        model.copy_slot(p.slots[0], slot, len(p.tokens))
+            for copy in copies:
+                model.copy_slot(*copy)
             if not wanted:
                 return np.zeros((0, self.vocab_size), np.float32)
             rows = torch.tensor(wanted, device=hidden.device)
@@ -198,10 +199,7 @@ def build_runner(
     if slots <= 0:
         raise InvalidArgumentError(f"num_slots must be positive, got {slots}")
     devices = resolve_devices(config, device)
-    if config.dtype == "auto":
-        dtype = resolve_dtype(config.dtype, devices[0])
-        logger.info("DTYPE auto: %s on %s", dtype, devices[0])
-        config = dataclasses.replace(config, dtype=dtype)
+    config = dataclasses.replace(config, dtype=resolve_dtype(config.dtype, devices[0]))
     with torch.no_grad(), _one_cpu_thread():
         model = build_model(config, tensors, devices)
         runner = TorchRunner(config, model, slots)

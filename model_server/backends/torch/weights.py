@@ -37,12 +37,15 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
     if dtype != "auto":
         return dtype
     if device.type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if device.type == "cpu" and (
+        chosen = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    elif device.type == "cpu" and (
         torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     ):
-        return "bfloat16"
-    return "float32"
+        chosen = "bfloat16"
+    else:
+        chosen = "float32"
+    logger.info("DTYPE auto: %s on %s", chosen, device)
+    return chosen
 
 
 def _check_config(config: LlamaConfig) -> None:

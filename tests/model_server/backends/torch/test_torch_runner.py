@@ -115,7 +115,7 @@ def test_decode_of_several_slots_at_different_positions(runner: TorchRunner) -> 
             torch.testing.assert_close(logits[row], ref, atol=ATOL, rtol=ATOL)
 
 
-def test_padding_does_not_change_results(runner: TorchRunner) -> None:
+def test_longer_prefills_and_larger_batches_agree(runner: TorchRunner) -> None:
     prompt = tokens_of(7, seed=3)
     a = torch.from_numpy(runner.prefill_logits(0, prompt))  # bucket 8
     b = torch.from_numpy(runner.prefill_logits(1, prompt + tokens_of(10, seed=4)))[:7]  # bucket 100
