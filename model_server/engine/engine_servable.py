@@ -46,6 +46,15 @@ class TextTokenizer(Protocol):
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str: ...
 
 
+def _raise_failed(request: Request, output: RequestOutput) -> None:
+    """Raises the output's error; a caller that has cancelled gets CancelledError at once,
+    even for outputs the engine produced before it saw the cancel."""
+    if output.error is not None:
+        raise output.error
+    if request.cancelled():
+        raise CancelledError("the caller cancelled the request")
+
+
 def _stopped_reading() -> CancelledError:
     return CancelledError("the caller stopped reading the request's outputs")
 
@@ -215,8 +224,7 @@ class EngineServable:
             while not finished:
                 output = outputs.get()
                 finished = output.finished
-                if output.error is not None:
-                    raise output.error
+                _raise_failed(request, output)
                 yield output
         finally:
             if not finished:
@@ -263,8 +271,7 @@ class EngineServable:
             while not finished:
                 output = await outputs.get()
                 finished = output.finished
-                if output.error is not None:
-                    raise output.error
+                _raise_failed(request, output)
                 yield output
         finally:
             if not finished:

@@ -12,6 +12,7 @@ from model_server.loader import build_servable
 from sax.errors import CancelledError, DeadlineExceededError, InvalidArgumentError
 from servables import registry
 from servables.sampling_params import SamplingParams, parse_stop
+from tests.model_server.conftest import wait_for
 from tests.model_server.engine.fakes import FakeLMConfig, params
 
 CONFIG = FakeLMConfig()
@@ -70,6 +71,15 @@ def test_tiny_stops_on_cancel_and_fails_past_its_deadline() -> None:
     cancel = threading.Event()
     stream = model.generate_stream("hi", base.for_call(None, cancel))
     assert next(stream)
+    cancel.set()
+    with pytest.raises(CancelledError):
+        list(stream)
+    # A cancel the engine sees only after the whole continuation is made (a fast model, a slow
+    # reader) still ends the caller's stream with CancelledError.
+    cancel = threading.Event()
+    stream = model.generate_stream("hi", base.for_call(None, cancel))
+    assert next(stream)
+    wait_for(lambda: model.stats().running == 0, what="the continuation finished")
     cancel.set()
     with pytest.raises(CancelledError):
         list(stream)
