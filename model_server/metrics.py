@@ -13,11 +13,18 @@ Call metrics (updated by the LM service):
 Model metrics, read from the loaded models at scrape time, labelled `model` (the model key):
 - `sax_model_server_model_load_seconds`: seconds the model's load took (weights read and placed).
 Of models served by the batching engine:
-- `sax_model_server_queue_depth`: requests waiting for a cache slot.
-- `sax_model_server_running_requests`: requests holding cache slots.
-- `sax_model_server_cache_slots_used` / `sax_model_server_cache_slots`: KV cache slots in use
-  and in all.
+- `sax_model_server_queue_depth`: requests waiting to start (or to resume).
+- `sax_model_server_running_requests`: requests holding KV cache blocks.
+- `sax_model_server_cache_slots_used` / `sax_model_server_cache_slots`: sequences running and
+  the most that run at once.
 - `sax_model_server_generated_tokens_total`: tokens sampled.
+- `sax_model_server_kv_cache_blocks_used` / `sax_model_server_kv_cache_blocks`: KV cache blocks
+  held by running sequences, and in all (cached prefixes nobody holds count as free).
+- `sax_model_server_prefix_cache_queried_tokens_total` /
+  `sax_model_server_prefix_cache_hit_tokens_total`: prompt tokens looked up in the prefix cache,
+  and those found there (hit rate = hits / queried).
+- `sax_model_server_preemptions_total`: requests preempted for want of KV cache blocks (each
+  resumes later; none fails).
 
 Every server has its own `CollectorRegistry`, so several servers can run in one process.
 """
@@ -87,6 +94,29 @@ class _ModelCollector(Collector):
         tokens = CounterMetricFamily(
             "sax_model_server_generated_tokens", "Tokens sampled.", labels=["model"]
         )
+        blocks_used = GaugeMetricFamily(
+            "sax_model_server_kv_cache_blocks_used",
+            "KV cache blocks held by running sequences.",
+            labels=["model"],
+        )
+        blocks = GaugeMetricFamily(
+            "sax_model_server_kv_cache_blocks", "KV cache blocks of the model.", labels=["model"]
+        )
+        queried = CounterMetricFamily(
+            "sax_model_server_prefix_cache_queried_tokens",
+            "Prompt tokens looked up in the prefix cache.",
+            labels=["model"],
+        )
+        hits = CounterMetricFamily(
+            "sax_model_server_prefix_cache_hit_tokens",
+            "Prompt tokens found in the prefix cache (not prefilled again).",
+            labels=["model"],
+        )
+        preemptions = CounterMetricFamily(
+            "sax_model_server_preemptions",
+            "Requests preempted for want of KV cache blocks (resumed later).",
+            labels=["model"],
+        )
         try:
             models = list(self._source())
         except Exception:  # a scrape must not fail for a model being unloaded
@@ -102,7 +132,13 @@ class _ModelCollector(Collector):
             used.add_metric([key], stats.slots - stats.free_slots)
             total.add_metric([key], stats.slots)
             tokens.add_metric([key], stats.tokens)
-        yield from (load, waiting, running, used, total, tokens)
+            blocks_used.add_metric([key], stats.blocks - stats.free_blocks)
+            blocks.add_metric([key], stats.blocks)
+            queried.add_metric([key], stats.prefix_queried_tokens)
+            hits.add_metric([key], stats.prefix_hit_tokens)
+            preemptions.add_metric([key], stats.preemptions)
+        yield from (load, waiting, running, used, total, tokens, blocks_used, blocks)
+        yield from (queried, hits, preemptions)
 
 
 class ModelServerMetrics(MetricsEndpoint):

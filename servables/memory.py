@@ -103,10 +103,12 @@ def estimate_memory(
     batch_size: int = 1,
     seq_len: int = 0,
     tensor_shapes: Mapping[str, Sequence[int]] | None = None,
+    kv_tokens: int = 0,
 ) -> MemoryEstimate:
     """The estimate of a model of this architecture (e.g. a `LlamaArchitecture`) serving
     batch_size sequences of seq_len positions. tensor_shapes (default: `arch.tensor_shapes()`)
-    may come from a checkpoint."""
+    may come from a checkpoint. kv_tokens: positions of a paged KV cache (0: batch_size x
+    seq_len)."""
     shapes = arch.tensor_shapes() if tensor_shapes is None else tensor_shapes
     layers: dict[str, int] = {}
     for name, dims in shapes.items():
@@ -123,7 +125,7 @@ def estimate_memory(
         kv_bytes_per_token=per_token,
         batch_size=batch_size,
         seq_len=seq_len,
-        kv_cache_bytes=per_token * batch_size * seq_len,
+        kv_cache_bytes=per_token * (kv_tokens or batch_size * seq_len),
         activation_bytes=seq_len * (4 * arch.vocab_size + 3 * arch.hidden_dim * size),
     )
 
@@ -156,4 +158,5 @@ def estimate_llama(
         quantization=quantization or config.quantization,
         batch_size=max(config.batch_sizes) if batch_size is None else batch_size,
         seq_len=config.input_seq_len + config.max_decode_steps if seq_len is None else seq_len,
+        kv_tokens=int(getattr(config, "kv_cache_tokens", 0)) if batch_size is None else 0,
     )

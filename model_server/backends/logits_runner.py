@@ -62,14 +62,16 @@ class RunnerChecks:
         keys = config.bucket_keys or (config.input_seq_len,)
         self.buckets = tuple(sorted({k for k in keys if k < self.max_seq_len} | {self.max_seq_len}))
 
-    def _check_prefill(self, slot: int, tokens: Sequence[int], start: int = 0) -> int:
-        """Checks a prefill's arguments (tokens at positions [start, start + len)); returns
-        the padded length of the tokens."""
+    def _check_prefill(self, slot: int | None, tokens: Sequence[int], start: int = 0) -> int:
+        """Checks a prefill's arguments (tokens at positions [start, start + len) of a slot, or
+        of a block table the caller checks: slot None); returns the padded length of the
+        tokens."""
         if not tokens:
             raise InvalidArgumentError("prefill needs at least one token")
         if start < 0 or (start and not self.chunked_prefill):
             raise InvalidArgumentError(f"this runner prefills from position 0, not {start}")
-        self._check_slot(slot)
+        if slot is not None:
+            self._check_slot(slot)
         self._check_tokens(tokens)
         padded = self.bucket(len(tokens))  # INVALID_ARGUMENT, with the fix, if too long
         if start + len(tokens) > self.max_seq_len:
@@ -80,17 +82,24 @@ class RunnerChecks:
         return padded
 
     def _check_decode(
-        self, slots: Sequence[int], tokens: Sequence[int], positions: Sequence[int]
+        self,
+        slots: Sequence[int],
+        tokens: Sequence[int],
+        positions: Sequence[int],
+        *,
+        check_slots: bool = True,
     ) -> None:
+        """Checks a decode's arguments; check_slots False: `slots` are only the rows (block
+        tables the caller checks)."""
         n = len(slots)
         if n == 0 or len(tokens) != n or len(positions) != n:
             raise InvalidArgumentError(
                 f"decode needs as many tokens and positions as slots, got {n}, {len(tokens)}, "
                 f"{len(positions)}"
             )
-        if len(set(slots)) != n:
+        if check_slots and len(set(slots)) != n:
             raise InvalidArgumentError(f"decode slots must be distinct, got {list(slots)}")
-        for slot in slots:
+        for slot in slots if check_slots else ():
             self._check_slot(slot)
         self._check_tokens(tokens)
         bad = [p for p in positions if not 0 <= p < self.max_seq_len]
@@ -133,6 +142,24 @@ class LogitsRunner(abc.ABC):
     def __init__(self) -> None:
         self._sampler_states: dict[SampleKey, SamplerState] = {}
 
+    # One block per sequence (its slot) unless a backend pages its cache.
+    @property
+    def block_size(self) -> int:
+        """Positions per KV cache block."""
+        return self.max_seq_len
+
+    @property
+    def num_blocks(self) -> int:
+        """KV cache blocks."""
+        return self.num_slots
+
+    def prefill_blocks(
+        self, blocks: Sequence[int], tokens: Sequence[int], *, all_logits: bool, start: int = 0
+    ) -> np.ndarray:
+        """`prefill_logits` into the sequence with block table `blocks` (by default its first
+        block is its slot)."""
+        return self.prefill_logits(blocks[0], tokens, all_logits=all_logits, start=start)
+
     @abc.abstractmethod
     def prefill_logits(
         self, slot: int, tokens: Sequence[int], *, all_logits: bool = True, start: int = 0
@@ -165,12 +192,9 @@ class LogitsRunner(abc.ABC):
         scores = {w.request_id: self.score(w) for w in work.scores}
         keys: list[SampleKey] = []
         for p in work.prefills:
-            if p.final:
-                for i in range(len(p.slots)):
-                    states[(p.request_id, i)] = SamplerState(
-                        p.samples[i], self.vocab_size, p.tokens
-                    )
-                    keys.append((p.request_id, i))
+            for key in p.sampled_keys:
+                states[key] = SamplerState(p.samples[key[1]], self.vocab_size, p.tokens)
+                keys.append(key)
         for batch in work.decodes:
             keys.extend(batch.keys)
         logits = self.step_logits(work)  # runs non-final chunks too
@@ -181,16 +205,15 @@ class LogitsRunner(abc.ABC):
 
     def step_logits(self, work: SchedulerOutput) -> np.ndarray:
         """Runs the step's prefills and decodes; returns the logits to sample from [R, V]: one
-        row per sample of each final prefill (the prompt's last position; its K/V copied to the
-        other samples' slots), then one per decode row. A backend that runs them all in one
-        pass overrides this."""
+        row per sample of each final prompt chunk (the prompt's last position; its `copies`
+        made for the other samples), then one per decode row. A backend that runs them all in
+        one pass overrides this."""
         rows: list[np.ndarray] = []
         for p in work.prefills:
-            last = self.prefill_logits(p.slots[0], p.chunk, all_logits=False, start=p.start)
-            if p.final:
-                for slot in p.slots[1:]:
-                    self.copy_slot(p.slots[0], slot, len(p.tokens))
-                rows += [last] * len(p.slots)
+            last = self.prefill_blocks(p.blocks, p.chunk, all_logits=False, start=p.start)
+            for c in p.copies:
+                self.copy_slot(c.src, c.dst, c.length)
+            rows += [last] * len(p.sampled_keys)
         for batch in work.decodes:
             rows.append(self.decode_logits(batch.slots, batch.tokens, batch.positions))  # [B, V]
         if not rows:
@@ -198,14 +221,14 @@ class LogitsRunner(abc.ABC):
         return np.concatenate(rows) if len(rows) > 1 else rows[0]
 
     def score(self, work: ScoreWork) -> tuple[float, ...]:
-        """log p(suffix | prefix) of each suffix, run in the work's slot."""
+        """log p(suffix | prefix) of each suffix, run in the work's blocks."""
         values = []
         n = len(work.prefix)
         for suffix in work.suffixes:
             if not suffix:
                 values.append(0.0)
                 continue
-            logits = self.prefill_logits(work.slot, work.prefix + suffix)  # [T, V]
+            logits = self.prefill_blocks(work.blocks, work.prefix + suffix, all_logits=True)
             logp = log_softmax(logits[n - 1 : n - 1 + len(suffix)])  # [S, V]
             values.append(float(logp[np.arange(len(suffix)), list(suffix)].sum()))
         return tuple(values)

@@ -1,1 +1,1 @@
-"""The batching engine: scheduler, KV cache slots, sampling, the engine core and its servable."""
+"""The batching engine: scheduler, paged KV cache, sampling, the engine core and its servable."""

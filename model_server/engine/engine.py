@@ -3,7 +3,7 @@ fan-out. Backend-free: the runner samples and hands back token ids and log-proba
 
 Callers (any thread) `submit` a `Request` with a sink and get `RequestOutput`s on it, from the
 engine thread, after every step that changed their request; `abort` drops a request before the
-next step. Score requests run on the same thread, between decode steps, in a borrowed slot.
+next step. Score requests run on the same thread, between decode steps, in borrowed blocks.
 `close` stops the thread and fails what is still pending with UNAVAILABLE.
 """
 
@@ -39,8 +39,8 @@ class EngineStats:
     steps: int
     waiting: int
     running: int
+    # Sequences that may still start, and the most that run at once.
     free_slots: int
-    # KV cache slots in all.
     slots: int = 0
     # Tokens sampled since the engine started (every sample of every request).
     tokens: int = 0
@@ -48,6 +48,14 @@ class EngineStats:
     # with requests waiting or running, now minus this is how long the engine has made no
     # progress.
     last_progress: float = 0.0
+    # KV cache blocks in all and free now (cached prefixes count as free: they are evictable).
+    blocks: int = 0
+    free_blocks: int = 0
+    # Prompt tokens looked up in the prefix cache and found there, since the engine started.
+    prefix_queried_tokens: int = 0
+    prefix_hit_tokens: int = 0
+    # Requests preempted (their blocks taken back, resumed later) since the engine started.
+    preemptions: int = 0
 
 
 @dataclass
@@ -71,7 +79,7 @@ def _shutdown_error() -> UnavailableError:
 
 
 class Engine:
-    """Continuous batching over a runner's KV cache slots, on its own thread."""
+    """Continuous batching over a runner's KV cache blocks, on its own thread."""
 
     def __init__(
         self,
@@ -82,11 +90,13 @@ class Engine:
         max_queue: int,
         max_batch_size: int,
         token_budget: int | None = None,
+        prefix_caching: bool = True,
         name: str = "engine",
     ) -> None:
         """`decode` turns token ids into text (the tokenizer's); a sample ends at any of
         `eos_ids`. Decode batches hold at most `max_batch_size` samples; a step runs at most
-        `token_budget` tokens (None: no limit), prompts in chunks when the runner can."""
+        `token_budget` tokens (None: no limit), prompts in chunks when the runner can, after
+        the longest cached prefix of theirs with `prefix_caching`."""
         self._runner = runner
         self._decode = decode
         self._eos = frozenset(eos_ids)
@@ -97,6 +107,9 @@ class Engine:
             max_batch_size=max_batch_size,
             token_budget=token_budget,
             chunked_prefill=runner.chunked_prefill,
+            block_size=runner.block_size,
+            num_blocks=runner.num_blocks,
+            prefix_caching=prefix_caching,
         )
         self._cond = threading.Condition()
         self._active: dict[int, _Active] = {}
@@ -133,7 +146,7 @@ class Engine:
             self._cond.notify()
 
     def abort(self, request_id: int, error: SaxError) -> None:
-        """Drops a request before the next step (its slots are freed then); its sink gets one
+        """Drops a request before the next step (its blocks are freed then); its sink gets one
         last output carrying `error`. No-op when the request is already done."""
         with self._cond:
             if self._scheduler.abort(request_id, error):
@@ -142,14 +155,20 @@ class Engine:
     def stats(self) -> EngineStats:
         with self._cond:
             s = self._scheduler
+            blocks = s.pool.stats()
             return EngineStats(
                 s.step,
                 s.num_waiting,
                 s.num_running,
                 s.num_free_slots,
-                slots=self._runner.num_slots,
+                slots=s.max_seqs,
                 tokens=self._tokens,
                 last_progress=self._last_progress,
+                blocks=s.pool.num_blocks,
+                free_blocks=s.pool.num_free,
+                prefix_queried_tokens=blocks.queried_tokens,
+                prefix_hit_tokens=blocks.hit_tokens,
+                preemptions=s.preemptions,
             )
 
     def close(self, timeout: float = 60.0) -> bool:

@@ -6,7 +6,7 @@ keeping its last tokens when the config says `truncate_prompt`), submits them to
 and turns the engine's outputs back into texts, stream items and scores. The blocking methods
 wait on a queue; the async ones on the event loop. Leaving a call early (closing the stream,
 cancelling the coroutine, setting `params.cancel`) aborts the request, which frees its KV cache
-slots before the next engine step.
+blocks before the next engine step.
 """
 
 from __future__ import annotations
@@ -115,6 +115,7 @@ class EngineServable:
             max_queue=int(getattr(config, "max_queue", DEFAULT_MAX_QUEUE)),
             max_batch_size=max(config.batch_sizes),
             token_budget=token_budget or getattr(config, "max_num_batched_tokens", 0) or None,
+            prefix_caching=bool(getattr(config, "prefix_caching", True)),
         )
 
     @property

@@ -30,7 +30,7 @@ class FinishReason(enum.Enum):
     EOS = "eos"
     # The text reached a stop string (the text ends before it).
     STOP = "stop"
-    # The sample used its decode steps, or its KV cache slot is full.
+    # The sample used its decode steps, or its sequence is at its longest.
     LENGTH = "length"
 
 
@@ -59,8 +59,9 @@ class SampleOptions:
 class Request:
     """One caller's request, in tokens.
 
-    A GENERATE request runs `len(samples)` samples, each in its own KV cache slot, for up to
-    `max_decode_steps` tokens. A SCORE request borrows one slot for one engine step.
+    A GENERATE request runs `len(samples)` samples, each in its own sequence of KV cache
+    blocks, for up to `max_decode_steps` tokens. A SCORE request borrows blocks for one engine
+    step.
     """
 
     # Unique per engine (`Engine.new_request_id`).
@@ -85,7 +86,7 @@ class Request:
 
     @property
     def slots_needed(self) -> int:
-        """KV cache slots the request holds while it runs."""
+        """Sequences the request holds while it runs (one per sample)."""
         return max(1, len(self.samples))
 
     @property

@@ -1,6 +1,6 @@
 """The runner protocol: what the engine core needs of a backend (torch, JAX, numpy).
 
-A runner owns a model and its KV cache of `num_slots` slots of `max_seq_len` positions. Each
+A runner owns a model and its KV cache of `num_blocks` blocks of `block_size` positions. Each
 engine step hands it the scheduler's work (`SchedulerOutput`: score requests, prefills, decode
 batches, and the samples that ended since the last step); the runner runs the model, samples on
 its side with each sample's options, and returns token ids and their log-probabilities, never
@@ -34,10 +34,19 @@ class RunnerOutput:
 class Runner(Protocol):
     """Runs the engine's steps on a device. Called from the engine thread only."""
 
-    # KV cache slots (one per running sample).
+    # Sequences that run at once (one per running sample).
     num_slots: int
-    # Positions per slot (INPUT_SEQ_LEN + MAX_DECODE_STEPS).
+    # Positions per sequence (INPUT_SEQ_LEN + MAX_DECODE_STEPS).
     max_seq_len: int
+
+    # The KV cache: blocks of block_size positions (`model_server.engine.kv_cache`). A backend
+    # with one static slot per sequence has block_size = max_seq_len and a block per slot.
+    @property
+    def block_size(self) -> int: ...
+
+    @property
+    def num_blocks(self) -> int: ...
+
     # Token ids the model knows: [0, vocab_size).
     vocab_size: int
     # Whether a prompt may be prefilled in chunks over several steps (PrefillWork.start > 0).
@@ -45,8 +54,9 @@ class Runner(Protocol):
 
     def execute(self, work: SchedulerOutput) -> RunnerOutput:
         """Runs one step: forgets the sampler state of `work.released`, scores `work.scores`,
-        prefills `work.prefills` (on a prompt's final chunk, copying its K/V to each of its
-        samples' slots and sampling every sample's first token) and decodes `work.decodes`."""
+        prefills `work.prefills` into their block tables (on a prompt's final chunk, making its
+        `copies` and sampling every sample's first token; a resume samples nothing) and decodes
+        `work.decodes`."""
         ...
 
     def close(self) -> None:

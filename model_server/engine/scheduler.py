@@ -1,20 +1,29 @@
-"""Continuous batching, in pure Python (no torch, no device).
+"""Continuous batching over a paged KV cache, in pure Python (no torch, no device).
 
 Each engine step asks the scheduler what to run (`schedule`), runs it, and reports the sampled
 tokens back (`update`). A step first drops the requests that were aborted, cancelled or have
-passed their deadline (freeing their slots). It then schedules one decode row for every running
+passed their deadline (freeing their blocks). It then schedules one decode row for every running
 sample (in batches of at most `max_batch_size`): decodes are never held back by prompts. The
 rest of the step's token budget (`token_budget`, vLLM's `max_num_batched_tokens`) goes to
 prompts: first the rest of the prompts already being prefilled, then waiting requests in
-arrival order while enough KV cache slots are free (a GENERATE request needs one slot per
-sample, a SCORE request one slot for the step). With `chunked_prefill` a prompt longer than
-what is left of the budget is split over several steps (its first token is sampled at the end
-of its last chunk); without it a prompt runs whole, alone when it exceeds the budget. Several
-prompts share a step when they fit. Prompts get at least a quarter of the budget per step, so
-they progress while many samples decode.
+arrival order while enough sequences (`max_seqs`, one per sample) and KV cache blocks are free.
+With `chunked_prefill` a prompt longer than what is left of the budget is split over several
+steps (its first token is sampled at the end of its last chunk); without it a prompt runs whole,
+alone when it exceeds the budget. Several prompts share a step when they fit. Prompts get at
+least a quarter of the budget per step, so they progress while many samples decode.
+
+The KV cache is a `BlockPool` (`kv_cache`): each sample holds a block table. The samples of a
+request share the full blocks of its prompt; each gets its own copy of the prompt's last,
+partial block when the prompt is done (`PrefillWork.copies`). With chunked prefill a new
+prompt first looks for its leading full blocks in the prefix cache and prefills only the rest.
+A sample that crosses into a new block gets one before its decode row; when none is free the
+most recently admitted request is preempted: its blocks are given back and it waits at the head
+of the queue. When it runs again each of its samples refills its prompt and the tokens it had
+generated (a prefill that samples nothing, mostly from the prefix cache), then decodes on:
+nothing is lost and no request fails for want of blocks.
 
 Samples that finish (EOS or stop string, decided by the engine; decode steps or slot length,
-decided here) free their slot at once, so a new request can take it on the next step.
+decided here) free their blocks at once, so a new request can take them on the next step.
 
 The scheduler is not thread-safe; the engine calls it under its lock.
 """
@@ -22,10 +31,12 @@ The scheduler is not thread-safe; the engine calls it under its lock.
 from __future__ import annotations
 
 import collections
+import dataclasses
+import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from model_server.engine.kv_cache import SlotAllocator
+from model_server.engine.kv_cache import BlockPool, blocks_for
 from model_server.engine.request import FinishReason, Request, RequestKind, SampleOptions
 from sax.errors import (
     CancelledError,
@@ -36,26 +47,51 @@ from sax.errors import (
     SaxError,
 )
 
+logger = logging.getLogger(__name__)
+
 # (request_id, sample index)
 SampleKey = tuple[int, int]
 
 
 @dataclass(frozen=True)
+class BlockCopy:
+    """Copy positions [0, length) of KV cache block src into block dst."""
+
+    src: int
+    dst: int
+    length: int
+
+
+@dataclass(frozen=True)
 class PrefillWork:
-    """Run prompt positions [start, end) of a GENERATE request in `slots[0]` (positions before
-    `start` are already in its KV cache). On the last chunk (`final`), copy the prompt's K/V to
-    the other slots and sample the first token of every sample from the last position."""
+    """Run positions [start, end) of a sequence into its block table `blocks` (positions before
+    `start` are in its KV cache already).
+
+    A new prompt: the sequence is the prompt, run for sample 0; `samples` holds every sample's
+    options and `forks` the block tables of samples 1.., which share the prompt's full blocks.
+    On the last chunk (`final`) the runner makes `copies` (each fork's own copy of the partial
+    last block) and samples every sample's first token from the last position.
+
+    A resume after preemption (`samples` empty): the sequence is the prompt and the tokens
+    sample `sample` had generated but the last (which its next decode row feeds); nothing is
+    sampled."""
 
     request_id: int
-    # The whole prompt.
+    # The whole sequence.
     tokens: tuple[int, ...]
-    # One slot per sample, in sample order.
-    slots: tuple[int, ...]
-    # How each sample picks its tokens, in sample order.
+    # Its block table (enough blocks for the whole sequence).
+    blocks: tuple[int, ...]
+    # How each sample picks its tokens, in sample order; empty on a resume.
     samples: tuple[SampleOptions, ...] = ()
-    # The chunk: prompt positions [start, stop); stop None: to the end of the prompt.
+    # The chunk: positions [start, stop); stop None: to the end of the sequence.
     start: int = 0
     stop: int | None = None
+    # Block tables of samples 1.. of a new prompt.
+    forks: tuple[tuple[int, ...], ...] = ()
+    # The sample whose sequence this is (a resume); 0 for a new prompt.
+    sample: int = 0
+    # Positions per block (to place the copies).
+    block_size: int = 1 << 30
 
     @property
     def end(self) -> int:
@@ -69,33 +105,74 @@ class PrefillWork:
 
     @property
     def final(self) -> bool:
-        """Whether the chunk ends the prompt (its samples' first tokens are sampled)."""
+        """Whether the chunk ends the sequence."""
         return self.end == len(self.tokens)
+
+    @property
+    def resume(self) -> bool:
+        """Whether this refills a preempted sample (nothing sampled)."""
+        return not self.samples
+
+    @property
+    def sampled_keys(self) -> tuple[SampleKey, ...]:
+        """The samples whose first token this chunk samples (a new prompt's final chunk)."""
+        if not self.final or self.resume:
+            return ()
+        return tuple((self.request_id, i) for i in range(len(self.samples)))
+
+    @property
+    def slots(self) -> tuple[int, ...]:
+        """The first block of every sample's table: its slot, for a runner with one block per
+        sequence."""
+        return (self.blocks[0], *(f[0] for f in self.forks))
+
+    @property
+    def copies(self) -> tuple[BlockCopy, ...]:
+        """What the final chunk copies for the forks: the partial last block of the prompt."""
+        if not self.final:
+            return ()
+        n = len(self.tokens)
+        last = (n - 1) // self.block_size
+        length = n - last * self.block_size
+        src = self.blocks[last]
+        return tuple(BlockCopy(src, f[last], length) for f in self.forks if f[last] != src)
 
 
 @dataclass(frozen=True)
 class ScoreWork:
-    """Run prefix + each suffix in `slot` and sum the suffix tokens' log-probabilities."""
+    """Run prefix + each suffix in the block table `blocks` and sum the suffix tokens'
+    log-probabilities."""
 
     request_id: int
-    slot: int
+    blocks: tuple[int, ...]
     prefix: tuple[int, ...]
     suffixes: tuple[tuple[int, ...], ...]
+
+    @property
+    def slot(self) -> int:
+        """The first block: the slot of a runner with one block per sequence."""
+        return self.blocks[0]
 
 
 @dataclass(frozen=True)
 class DecodeBatch:
-    """One runner decode call: token i goes to position positions[i] of slot slots[i]."""
+    """One runner decode call: token i goes to position positions[i] of the sequence with
+    block table blocks[i]."""
 
     keys: tuple[SampleKey, ...]
-    slots: tuple[int, ...]
+    blocks: tuple[tuple[int, ...], ...]
     tokens: tuple[int, ...]
     positions: tuple[int, ...]
+
+    @property
+    def slots(self) -> tuple[int, ...]:
+        """Each row's first block: its slot, for a runner with one block per sequence."""
+        return tuple(b[0] for b in self.blocks)
 
 
 @dataclass(frozen=True)
 class Aborted:
-    """A request dropped this step (its slots are free again); tell its caller `error`."""
+    """A request dropped this step (its blocks are free again); tell its caller `error`."""
 
     request_id: int
     error: SaxError
@@ -122,7 +199,7 @@ class SchedulerOutput:
 
 @dataclass(frozen=True)
 class Finished:
-    """A sample that finished in the step; its slot is free again."""
+    """A sample that finished in the step; its blocks are free again."""
 
     key: SampleKey
     reason: FinishReason
@@ -139,13 +216,22 @@ class UpdateResult:
 
 @dataclass
 class _Sample:
-    slot: int
+    # Block table; empty while the request is preempted.
+    blocks: list[int]
     # Next position to write: where `token` goes.
     position: int
+    # Positions whose K/V are in the blocks.
+    filled: int = 0
     # Last sampled token, fed to the next decode; None until the prefill's update.
     token: int | None = None
     generated: int = 0
     live: bool = True
+    # Every generated token (a resume refills all but the last).
+    history: list[int] = field(default_factory=list)
+
+    def ready(self) -> bool:
+        """Whether the sample decodes this step."""
+        return self.live and self.token is not None and self.filled == self.position
 
 
 @dataclass
@@ -153,52 +239,68 @@ class _Running:
     request: Request
     samples: list[_Sample]
     abort: SaxError | None = None
-    # Prompt positions already in the KV cache (GENERATE); the prompt is prefilled when it is
-    # len(request.prompt).
+    # Prompt positions already in sample 0's KV cache (GENERATE); the prompt is prefilled when
+    # it is len(request.prompt).
     prefilled: int = 0
 
+    @property
+    def prompt_done(self) -> bool:
+        return self.samples[0].token is not None
 
-def _next_chunk(request_id: int, run: _Running, granted: int) -> PrefillWork:
-    """The prefill of the next `granted` prompt tokens of a running GENERATE request."""
-    prompt, start = run.request.prompt, run.prefilled
-    stop = None if start + granted == len(prompt) else start + granted
-    slots = tuple(s.slot for s in run.samples)
-    return PrefillWork(request_id, prompt, slots, run.request.samples, start, stop)
+    def sequence(self, sample: _Sample) -> tuple[int, ...]:
+        """What a resumed sample refills: the prompt and its tokens but the last."""
+        return self.request.prompt + tuple(sample.history[:-1])
 
 
 class Scheduler:
-    """Admission (bounded FIFO queue) and continuous batching over `num_slots` KV cache slots
-    of `max_seq_len` positions each."""
+    """Admission (bounded FIFO queue) and continuous batching of at most `max_seqs` sequences
+    over `num_blocks` KV cache blocks of `block_size` positions (one slot of `max_seq_len`
+    positions per sequence by default)."""
 
     def __init__(
         self,
-        num_slots: int,
+        max_seqs: int,
         max_seq_len: int,
         *,
         max_queue: int,
         max_batch_size: int,
         token_budget: int | None = None,
         chunked_prefill: bool = False,
+        block_size: int | None = None,
+        num_blocks: int | None = None,
+        prefix_caching: bool = True,
     ) -> None:
         """token_budget: tokens one step runs at most (decode rows and prompt tokens); None: no
-        limit. chunked_prefill: whether the runner can prefill a prompt in chunks."""
+        limit. chunked_prefill: whether the runner can prefill a sequence in chunks (and so
+        start past a cached prefix). block_size / num_blocks: the KV cache's blocks (default:
+        one block of max_seq_len positions per sequence)."""
         if max_queue < 0 or max_batch_size <= 0 or (token_budget is not None and token_budget < 1):
             raise ValueError(
                 f"bad limits: max_queue {max_queue}, max_batch_size {max_batch_size}, "
                 f"token_budget {token_budget}"
             )
-        self._slots = SlotAllocator(num_slots)
+        if max_seqs <= 0:
+            raise ValueError(f"max_seqs must be positive, got {max_seqs}")
+        size = block_size or max_seq_len
+        self._pool = BlockPool(
+            num_blocks or max_seqs * blocks_for(max_seq_len, size),
+            size,
+            prefix_caching=prefix_caching and chunked_prefill,
+        )
+        self._max_seqs = max_seqs
         self._max_seq_len = max_seq_len
         self._max_queue = max_queue
         self._max_batch_size = max_batch_size
         self._token_budget = token_budget
         self._chunked = chunked_prefill
         self._waiting: collections.OrderedDict[int, Request] = collections.OrderedDict()
+        self._preempted: dict[int, _Running] = {}  # waiting again, with what they had made
         self._running: dict[int, _Running] = {}
         self._dropped: list[Aborted] = []  # aborted while waiting, reported by the next step
         self._in_flight: SchedulerOutput | None = None
         self._released: list[SampleKey] = []
         self._step = 0
+        self._preemptions = 0
 
     @property
     def step(self) -> int:
@@ -211,12 +313,28 @@ class Scheduler:
 
     @property
     def num_running(self) -> int:
-        """Requests holding slots."""
+        """Requests holding KV cache blocks."""
         return len(self._running)
 
     @property
+    def max_seqs(self) -> int:
+        """Sequences (samples) that may run at once."""
+        return self._max_seqs
+
+    @property
     def num_free_slots(self) -> int:
-        return self._slots.num_free
+        """Sequences that may still start."""
+        return self._max_seqs - self._seqs_running()
+
+    @property
+    def pool(self) -> BlockPool:
+        """The KV cache blocks (read their counters, do not change them)."""
+        return self._pool
+
+    @property
+    def preemptions(self) -> int:
+        """Requests preempted so far."""
+        return self._preemptions
 
     def has_work(self) -> bool:
         """Whether `schedule` has anything to do."""
@@ -225,18 +343,27 @@ class Scheduler:
     def add(self, request: Request) -> None:
         """Queues a request. INVALID_ARGUMENT if it can never fit, RESOURCE_EXHAUSTED if the
         queue is full."""
-        if request.slots_needed > self._slots.num_slots:
+        if request.slots_needed > self._max_seqs:
             raise InvalidArgumentError(
-                f"the request needs {request.slots_needed} KV cache slots (one per sample); the "
-                f"model has {self._slots.num_slots}; ask for fewer samples"
+                f"the request needs {request.slots_needed} sequences (one per sample); the "
+                f"model runs {self._max_seqs} at once; ask for fewer samples"
             )
         longest = len(request.prompt) + max((len(s) for s in request.suffixes), default=0)
         if request.kind is RequestKind.GENERATE:
             longest += 1  # room for at least one generated token
         if not request.prompt or longest > self._max_seq_len:
             raise InvalidArgumentError(
-                f"the request needs {longest} positions; a KV cache slot holds 1 to "
+                f"the request needs {longest} positions; a sequence holds 1 to "
                 f"{self._max_seq_len}; shorten the prompt"
+            )
+        most = longest
+        if request.kind is RequestKind.GENERATE:
+            most = min(len(request.prompt) + request.max_decode_steps, self._max_seq_len)
+        blocks = request.slots_needed * blocks_for(most, self._pool.block_size)
+        if blocks > self._pool.num_blocks:
+            raise InvalidArgumentError(
+                f"the request may need {blocks} KV cache blocks, the model has "
+                f"{self._pool.num_blocks}; ask for fewer samples or decode steps"
             )
         if request.request_id in self._waiting or request.request_id in self._running:
             raise InternalError(f"request id {request.request_id} is already queued")
@@ -250,6 +377,7 @@ class Scheduler:
         """Drops a request: at once if it waits, at the start of the next step if it runs.
         False if the request is unknown (already done)."""
         if self._waiting.pop(request_id, None) is not None:
+            self._forget_preempted(request_id)
             self._dropped.append(Aborted(request_id, error))
             return True
         run = self._running.get(request_id)
@@ -260,11 +388,12 @@ class Scheduler:
         return True
 
     def drain(self) -> list[int]:
-        """Forgets every request (shutdown) and returns their ids; all slots are free after."""
+        """Forgets every request (shutdown) and returns their ids; all blocks are free after."""
         ids = [a.request_id for a in self._dropped] + list(self._waiting) + list(self._running)
         for run in self._running.values():
             self._free_samples(run)
         self._waiting.clear()
+        self._preempted.clear()
         self._running.clear()
         self._dropped.clear()
         self._released.clear()
@@ -277,8 +406,10 @@ class Scheduler:
             raise InternalError("schedule() called before update() of the previous step")
         self._step += 1
         aborted = self._drop_stopped(now)
+        preempted = self._grow()
         decodes = self._decode_batches()
-        scores, prefills = self._admit(sum(len(b.keys) for b in decodes))
+        # After a preemption nothing new starts this step (it would take the blocks back).
+        scores, prefills = self._admit(sum(len(b.keys) for b in decodes), not preempted)
         output = SchedulerOutput(
             step=self._step,
             aborted=tuple(aborted),
@@ -297,8 +428,9 @@ class Scheduler:
         tokens: Mapping[SampleKey, int],
         finished: Mapping[SampleKey, FinishReason],
     ) -> UpdateResult:
-        """Records the step's sampled tokens (one per prefilled or decoded sample) and the
-        samples the engine finished (EOS, stop string); frees the slots of finished samples.
+        """Records the step's sampled tokens (one per sample of a final prompt chunk and per
+        decode row) and the samples the engine finished (EOS, stop string); frees the blocks of
+        finished samples.
 
         Requests aborted while the step ran are skipped (the next `schedule` drops them), so a
         failed step is closed by aborting its requests and updating with no tokens."""
@@ -316,10 +448,17 @@ class Scheduler:
         steps: list[tuple[SampleKey, bool]] = []
         for w in output.prefills:
             run = self._running.get(w.request_id)
-            if run is not None and run.abort is None:
+            if run is None or run.abort is not None:
+                continue
+            sample = run.samples[w.sample]
+            sample.filled = w.end
+            self._pool.register(w.blocks, w.tokens[: w.end])
+            if not w.resume:
                 run.prefilled = w.end
-            if w.final:
-                steps += [((w.request_id, i), False) for i in range(len(w.slots))]
+                if w.final:
+                    for other in run.samples[1:]:
+                        other.filled = w.end
+            steps += [(key, False) for key in w.sampled_keys]
         steps += [(key, True) for batch in output.decodes for key in batch.keys]
         for key, decoded in steps:
             run = self._running.get(key[0])
@@ -331,9 +470,11 @@ class Scheduler:
             if key not in tokens:
                 raise InternalError(f"no token was sampled for sample {key}")
             sample.token = tokens[key]
+            sample.history.append(sample.token)
             sample.generated += 1
             if decoded:
                 sample.position += 1
+                sample.filled += 1
             reason = finished.get(key)
             if reason is None and (
                 sample.generated >= run.request.max_decode_steps
@@ -342,13 +483,17 @@ class Scheduler:
                 reason = FinishReason.LENGTH
             if reason is not None:
                 sample.live = False
-                self._slots.free(sample.slot)
+                self._pool.release(sample.blocks)
+                sample.blocks = []
                 self._released.append(key)
                 ended.append(Finished(key, reason))
                 if not any(s.live for s in run.samples):
                     del self._running[key[0]]
                     done.append(key[0])
         return UpdateResult(finished=tuple(ended), done=tuple(done))
+
+    def _seqs_running(self) -> int:
+        return sum(sum(1 for s in run.samples if s.live) for run in self._running.values())
 
     def _stopped(self, request: Request, now: float, generated: int | None) -> SaxError | None:
         if request.cancelled():
@@ -367,6 +512,7 @@ class Scheduler:
             error = self._stopped(request, now, None)
             if error is not None:
                 del self._waiting[request_id]
+                self._forget_preempted(request_id)
                 aborted.append(Aborted(request_id, error))
         for request_id, run in list(self._running.items()):
             generated = max((s.generated for s in run.samples), default=0)
@@ -377,9 +523,104 @@ class Scheduler:
                 aborted.append(Aborted(request_id, error))
         return aborted
 
-    def _admit(self, decode_rows: int) -> tuple[list[ScoreWork], list[PrefillWork]]:
+    def _forget_preempted(self, request_id: int) -> None:
+        """A preempted request left the queue: the runner may drop its samples' state."""
+        run = self._preempted.pop(request_id, None)
+        if run is not None:
+            self._released += [(request_id, i) for i, s in enumerate(run.samples) if s.live]
+
+    # KV cache blocks.
+
+    def _grow(self) -> bool:
+        """Gives every sample about to decode into a new block that block, oldest requests
+        first, preempting the newest when none is free; returns whether it preempted."""
+        bs = self._pool.block_size
+        before = self._preemptions
+        for rid in list(self._running):
+            run = self._running.get(rid)
+            if run is None:
+                continue  # preempted for an older request
+            for sample in run.samples:
+                if not sample.ready() or sample.position < len(sample.blocks) * bs:
+                    continue
+                while self._pool.num_free == 0 and rid in self._running:
+                    self._preempt(next(reversed(self._running)))
+                if rid not in self._running:
+                    break  # it was the newest: it waits now
+                sample.blocks += self._pool.allocate(1)
+        return self._preemptions != before
+
+    def _preempt(self, request_id: int) -> None:
+        """Gives back every block of a running request and queues it first again."""
+        run = self._running.pop(request_id)
+        self._preemptions += 1
+        logger.info(
+            "KV cache full: request %d preempted after %d tokens; it resumes when blocks free up",
+            request_id,
+            max(s.generated for s in run.samples),
+        )
+        for sample in run.samples:
+            if sample.blocks:
+                self._pool.release(sample.blocks)
+            sample.blocks, sample.filled = [], 0
+        if run.prompt_done:
+            self._preempted[request_id] = run
+        self._waiting[request_id] = run.request
+        self._waiting.move_to_end(request_id, last=False)
+
+    def _hits(self, tokens: tuple[int, ...]) -> list[int]:
+        """Cached blocks a sequence can start from (leaving at least its last token to run)."""
+        return self._pool.lookup(tokens, (len(tokens) - 1) // self._pool.block_size)
+
+    def _start(self, request: Request) -> _Running | None:
+        """Blocks for a new GENERATE request: sample 0's prompt (after its cached prefix), and
+        for each other sample the shared full blocks plus its own partial last block. None when
+        too few blocks are free."""
+        pool, prompt = self._pool, request.prompt
+        hits = self._hits(prompt)
+        total = blocks_for(len(prompt), pool.block_size)
+        partial = len(prompt) % pool.block_size != 0
+        needed = total - len(hits) + (len(request.samples) - 1) * partial
+        if needed > pool.free_after_hold(hits):
+            return None
+        pool.record_query(len(prompt), len(hits))
+        pool.hold(hits)
+        table = hits + pool.allocate(total - len(hits))
+        shared = table[:-1] if partial else table
+        samples = [_Sample(table, len(prompt), filled=len(hits) * pool.block_size)]
+        for _ in request.samples[1:]:
+            pool.hold(shared)
+            own = shared + (pool.allocate(1) if partial else [])
+            samples.append(_Sample(own, len(prompt)))
+        return _Running(request, samples, prefilled=samples[0].filled)
+
+    def _resume(self, run: _Running) -> bool:
+        """Blocks for a preempted request's live samples (after their cached prefixes); False
+        when too few blocks are free."""
+        pool = self._pool
+        live = [s for s in run.samples if s.live]
+        hits = [self._hits(run.sequence(s)) for s in live]
+        needed = sum(blocks_for(s.position, pool.block_size) for s in live)
+        needed -= sum(len(h) for h in hits)
+        if needed > pool.free_after_hold(b for h in hits for b in h):
+            return False
+        for sample, found in zip(live, hits, strict=True):
+            pool.record_query(sample.position, len(found))
+            pool.hold(found)
+            sample.blocks = found + pool.allocate(
+                blocks_for(sample.position, pool.block_size) - len(found)
+            )
+            sample.filled = len(found) * pool.block_size
+        return True
+
+    # Admission.
+
+    def _admit(
+        self, decode_rows: int, admit_waiting: bool = True
+    ) -> tuple[list[ScoreWork], list[PrefillWork]]:
         """The step's prompt work within what the decode rows leave of the token budget: the
-        rest of prompts being prefilled first, then waiting requests in arrival order."""
+        rest of sequences being prefilled first, then (admit_waiting) waiting requests in
+        arrival order."""
         scores: list[ScoreWork] = []
         prefills: list[PrefillWork] = []
         budget = self._token_budget
@@ -401,43 +642,96 @@ class Scheduler:
             left = max(left - granted, 0)
             return granted
 
+        def grants(wanted: int) -> bool:
+            """Whether `take` would grant a whole (unchunkable) prompt anything."""
+            return left is None or self._chunked or wanted <= left or not (scores or prefills)
+
+        def fill(rid: int, run: _Running) -> bool:
+            """Chunks for the sequences of a running request still to prefill; False when the
+            budget ran out."""
+            for work in self._to_fill(rid, run):
+                granted = take(work.end - work.start)
+                if not granted:
+                    return False
+                stop = None if work.start + granted == len(work.tokens) else work.start + granted
+                prefills.append(dataclasses.replace(work, stop=stop))
+            return True
+
         for rid, run in self._running.items():
-            todo = len(run.request.prompt) - run.prefilled
-            if run.request.kind is not RequestKind.GENERATE or todo <= 0 or run.abort is not None:
-                continue
-            granted = take(todo)
-            if not granted:
+            generate = run.request.kind is RequestKind.GENERATE
+            if generate and run.abort is None and not fill(rid, run):
                 break
-            prefills.append(_next_chunk(rid, run, granted))
-        while self._waiting and (left is None or left > 0):
+        while admit_waiting and self._waiting and (left is None or left > 0):
             request = next(iter(self._waiting.values()))
-            if request.slots_needed > self._slots.num_free:
+            rid = request.request_id
+            if request.slots_needed > self.num_free_slots:
                 break  # first come, first served: nobody overtakes the head of the queue
             if request.kind is RequestKind.SCORE:
-                granted = take(request.prefill_tokens, chunkable=False)  # scored whole
-            else:
-                granted = take(len(request.prompt))
-            if not granted:
+                blocks = blocks_for(
+                    len(request.prompt) + max(len(x) for x in request.suffixes),
+                    self._pool.block_size,
+                )
+                if blocks > self._pool.num_free or not take(request.prefill_tokens, False):
+                    break
+                del self._waiting[rid]
+                table = self._pool.allocate(blocks)
+                self._running[rid] = _Running(request, [_Sample(table, len(request.prompt))])
+                scores.append(ScoreWork(rid, tuple(table), request.prompt, request.suffixes))
+                continue
+            resumed = self._preempted.get(rid)
+            if not grants(len(request.prompt)):
                 break
-            del self._waiting[request.request_id]
-            slots = self._slots.allocate(request.slots_needed)
-            rid = request.request_id
-            run = _Running(request, [_Sample(slot=s, position=len(request.prompt)) for s in slots])
-            self._running[rid] = run
-            if request.kind is RequestKind.SCORE:
-                scores.append(ScoreWork(rid, slots[0], request.prompt, request.suffixes))
+            if resumed is not None:
+                if not self._resume(resumed):
+                    break
+                run = resumed
+                del self._preempted[rid]
             else:
-                prefills.append(_next_chunk(rid, run, granted))
+                started = self._start(request)
+                if started is None:
+                    break
+                run = started
+            del self._waiting[rid]
+            self._running[rid] = run
+            if not fill(rid, run):
+                break
         return scores, prefills
 
+    def _to_fill(self, rid: int, run: _Running) -> list[PrefillWork]:
+        """The unfilled rest of a running request's sequences, as whole chunks."""
+        bs = self._pool.block_size
+        if not run.prompt_done:
+            if run.prefilled >= len(run.request.prompt):
+                return []
+            forks = tuple(tuple(s.blocks) for s in run.samples[1:])
+            head = run.samples[0]
+            return [
+                PrefillWork(
+                    rid,
+                    run.request.prompt,
+                    tuple(head.blocks),
+                    run.request.samples,
+                    run.prefilled,
+                    forks=forks,
+                    block_size=bs,
+                )
+            ]
+        return [
+            PrefillWork(
+                rid, run.sequence(s), tuple(s.blocks), (), s.filled, sample=i, block_size=bs
+            )
+            for i, s in enumerate(run.samples)
+            if s.live and s.filled < s.position
+        ]
+
     def _decode_batches(self) -> tuple[DecodeBatch, ...]:
-        rows: list[tuple[int, SampleKey, int, int]] = []
+        rows: list[tuple[tuple[int, ...], SampleKey, int, int]] = []
         for request_id, run in self._running.items():
             if run.request.kind is not RequestKind.GENERATE:
                 continue
             for i, s in enumerate(run.samples):
-                if s.live and s.token is not None:
-                    rows.append((s.slot, (request_id, i), s.token, s.position))
+                if s.ready():
+                    rows.append((tuple(s.blocks), (request_id, i), s.token, s.position))  # type: ignore[arg-type]
         rows.sort()
         batches = []
         for start in range(0, len(rows), self._max_batch_size):
@@ -445,7 +739,7 @@ class Scheduler:
             batches.append(
                 DecodeBatch(
                     keys=tuple(r[1] for r in chunk),
-                    slots=tuple(r[0] for r in chunk),
+                    blocks=tuple(r[0] for r in chunk),
                     tokens=tuple(r[2] for r in chunk),
                     positions=tuple(r[3] for r in chunk),
                 )
@@ -457,6 +751,8 @@ class Scheduler:
         for i, s in enumerate(run.samples):
             if s.live:
                 s.live = False
-                self._slots.free(s.slot)
+                if s.blocks:
+                    self._pool.release(s.blocks)
+                    s.blocks = []
                 if generate:
                     self._released.append((run.request.request_id, i))

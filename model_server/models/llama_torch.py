@@ -6,12 +6,13 @@ reads only the architecture (`LlamaArchitecture`); building it from a checkpoint
 over devices and quantizing it are the torch backend's (`model_server.backends.torch.weights`,
 `.quantize`).
 
-The KV cache has `num_slots` slots of `slot_len` positions per layer, `[slots, kv_heads,
-slot_len, head_dim]`. One entry point uses it: `step` runs the tokens of several sequences in
-one pass (their projections and MLPs as one matrix product each): prompt chunks (`Chunk`, a
-prompt from position 0 or a later piece of it after the earlier ones) and decode rows
-(`DecodeRows`, one token for each of several slots, each at its own position). `forward` is a
-cache-free causal pass (a reference for tests).
+The KV cache is paged: per layer `[num_blocks, block_size, kv_heads, head_dim]`, and a sequence
+is its block table (position p in block table[p // block_size] at offset p % block_size). One
+entry point uses it: `step` runs the tokens of several sequences in one pass (their projections
+and MLPs as one matrix product each): prompt chunks (`Chunk`, a prompt from position 0 or a
+later piece of it after the earlier ones) and decode rows (`DecodeRows`, one token for each of
+several sequences, each at its own position). `forward` is a cache-free causal pass (a
+reference for tests).
 
 Layer i runs on `layer_devices[i]` (pipeline placement over several devices), the embeddings on
 `devices[0]`, the final norm and the output projection on `devices[-1]`. A layer's projections
@@ -36,10 +37,10 @@ StepTensors = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class Chunk:
-    """Prompt positions [start, start + length) of the sequence in `slot` (the positions before
-    `start` are in the cache already)."""
+    """Positions [start, start + length) of the sequence with block table `blocks` (the
+    positions before `start` are in the cache already)."""
 
-    slot: int
+    blocks: tuple[int, ...]
     start: int
     length: int
 
@@ -50,18 +51,22 @@ class Chunk:
 
 @dataclass(frozen=True)
 class DecodeRows:
-    """One token per row: row b at positions[b] of slots[b], attending to that slot's positions
-    up to its own, all below `span`. first_slot: set when slots are first_slot, first_slot + 1,
-    ... (the cache is then attended in place instead of gathered)."""
+    """One token per row: row b at positions[b] of the sequence with block table tables[b],
+    attending to its positions up to its own, all below `span` (a multiple of the block
+    size, or the sequence length)."""
 
-    slots: tuple[int, ...]
+    tables: tuple[tuple[int, ...], ...]
     positions: tuple[int, ...]
     span: int
-    first_slot: int | None = None
+    # Set when row b's blocks are first + b * stride, first + b * stride + 1, ... (one
+    # sequence whose blocks follow each other, or several evenly spaced): the cache is then
+    # attended in place instead of gathered.
+    first: int | None = None
+    stride: int = 0
 
     @property
     def num_tokens(self) -> int:
-        return len(self.slots)
+        return len(self.tables)
 
 
 Part = Chunk | DecodeRows
@@ -154,7 +159,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(dim, self.num_kv_heads * hd, bias=False)
         self.v_proj = nn.Linear(dim, self.num_kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(self.num_heads * hd, dim, bias=False)
-        self.k_cache: torch.Tensor | None = None  # [S, KV, L, hd]
+        self.k_cache: torch.Tensor | None = None  # [blocks, block_size, KV, hd]
         self.v_cache: torch.Tensor | None = None
         # Set after loading: [q; k; v] and o as served (fused float or int8).
         self.qkv: Weight | None = None
@@ -198,9 +203,9 @@ class Attention(nn.Module):
         self, x: torch.Tensor, rope: torch.Tensor, parts: Sequence[Part], t: StepTensors
     ) -> torch.Tensor:
         """x [1, N, D]: the step's tokens, `parts` in order, token n at position
-        t["positions"][n] of its slot. Writes every token's K/V into the cache first, then each
-        part attends: a chunk to its slot's positions up to each token, decode rows each to
-        their own slot's. Returns [1, N, D]."""
+        t["positions"][n] of its sequence. Writes every token's K/V into the cache first
+        (cache row t["kv_rows"]), then each part attends: a chunk to its sequence's positions up
+        to each token, decode rows each to their own sequence's. Returns [1, N, D]."""
         assert self.k_cache is not None and self.v_cache is not None
         q, k, v = self._qkv(x, rope)  # [1, H, N, hd], [1, KV, N, hd]
         hd = self.head_dim
@@ -224,32 +229,57 @@ class Attention(nn.Module):
                 outs.append(out.transpose(1, 2).reshape(1, n, -1))
             elif isinstance(part, Chunk):
                 end = part.start + n
-                keys = self.k_cache[part.slot : part.slot + 1, :, :end]  # [1, KV, end, hd]
-                values = self.v_cache[part.slot : part.slot + 1, :, :end]
+                keys, values = self._gather(t[f"blocks{i}"], 1, end)  # [1, KV, end, hd]
                 out = functional.scaled_dot_product_attention(
                     qs, keys, values, attn_mask=t[f"mask{i}"], enable_gqa=gqa
                 )
                 outs.append(out.transpose(1, 2).reshape(1, n, -1))
             else:
-                outs.append(self._attend_rows(qs, part, t[f"slots{i}"], t[f"mask{i}"]))
+                blocks = t.get(f"blocks{i}", t["positions"])  # unused when in place
+                outs.append(self._attend_rows(qs, part, blocks, t[f"mask{i}"]))
             offset += n
         return self._o(outs[0] if len(outs) == 1 else torch.cat(outs, dim=1))
 
-    def _attend_rows(
-        self, q: torch.Tensor, part: DecodeRows, slots: torch.Tensor, mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Decode rows: q [1, H, B, hd], row b of slot slots[b] attending to the positions
-        that `mask` [B, 1, 1, A] marks. Returns [1, B, H * hd]."""
+    def _gather(
+        self, blocks: torch.Tensor, rows: int, span: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of `rows` sequences, positions [0, span): blocks [rows * per_row]
+        (each row's table, padded) -> two [rows, KV, span, hd] views of one gathered copy."""
         assert self.k_cache is not None and self.v_cache is not None
+        kv, hd = self.k_cache.shape[2:]
+        out = []
+        for cache in (self.k_cache, self.v_cache):
+            picked = cache.index_select(0, blocks).view(rows, -1, kv, hd)  # [R, P, KV, hd]
+            out.append(picked[:, :span].transpose(1, 2))
+        return out[0], out[1]
+
+    def _in_place(
+        self, rows: int, span: int, first: int, stride: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of `rows` sequences whose blocks follow each other from block
+        first + b * stride: two [rows, KV, span, hd] views of the cache."""
+        assert self.k_cache is not None and self.v_cache is not None
+        size, kv, hd = self.k_cache.shape[1:]
+        shape, strides = (rows, span, kv, hd), (stride * size * kv * hd, kv * hd, hd, 1)
+        offset = first * size * kv * hd
+        out = [
+            c.as_strided(shape, strides, offset).transpose(1, 2)
+            for c in (self.k_cache, self.v_cache)
+        ]
+        return out[0], out[1]
+
+    def _attend_rows(
+        self, q: torch.Tensor, part: DecodeRows, blocks: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Decode rows: q [1, H, B, hd], row b attending to the positions of its sequence
+        (blocks: the rows' tables, padded, [B * per_row]) that `mask` [B, 1, 1, A] marks.
+        Returns [1, B, H * hd]."""
         span = mask.shape[-1]
         b = q.shape[2]
-        first = part.first_slot
-        if first is not None:
-            keys = self.k_cache[first : first + b, :, :span]  # [B, KV, A, hd], a view
-            values = self.v_cache[first : first + b, :, :span]
+        if part.first is not None:
+            keys, values = self._in_place(b, span, part.first, part.stride)
         else:
-            keys = self.k_cache[:, :, :span].index_select(0, slots)  # [B, KV, A, hd]
-            values = self.v_cache[:, :, :span].index_select(0, slots)
+            keys, values = self._gather(blocks, b, span)  # [B, KV, A, hd]
         group = self.num_heads // self.num_kv_heads
         # Query heads of one KV head become its query rows: no K/V repetition.
         q = q[0].transpose(0, 1).reshape(b, self.num_kv_heads, group, self.head_dim)
@@ -316,8 +346,8 @@ class LlamaForCausalLM(nn.Module):
         # on the last; layer i on layer_devices[i].
         self.devices: list[torch.device] = [torch.device("meta")]
         self.layer_devices: list[torch.device] = [torch.device("meta")] * config.num_layers
-        self.num_slots = 0
-        self.slot_len = 0
+        self.num_blocks = 0
+        self.block_size = 0
         self._rope: dict[torch.device, torch.Tensor] = {}
 
     @property
@@ -327,18 +357,19 @@ class LlamaForCausalLM(nn.Module):
 
     # KV cache.
 
-    def allocate_cache(self, num_slots: int, slot_len: int) -> None:
-        """Allocates (zeroed) KV caches of num_slots x slot_len positions and the RoPE tables."""
+    def allocate_cache(self, num_blocks: int, block_size: int, max_len: int) -> None:
+        """Allocates (zeroed) KV caches of num_blocks blocks of block_size positions and the
+        RoPE tables of max_len positions."""
         cfg = self.config
-        self.num_slots, self.slot_len = num_slots, slot_len
+        self.num_blocks, self.block_size = num_blocks, block_size
         dtype = self.lm_head.weight.dtype
         for i, layer in enumerate(self.decoder_layers):
             attn = layer.self_attn
-            shape = (num_slots, cfg.num_kv_heads, slot_len, cfg.head_dim)
+            shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
             attn.k_cache = torch.zeros(shape, dtype=dtype, device=self.layer_devices[i])
             attn.v_cache = torch.zeros(shape, dtype=dtype, device=self.layer_devices[i])
         self._rope = {
-            d: rope_tables(cfg.head_dim, cfg.rope_theta, slot_len, d) for d in set(self.devices)
+            d: rope_tables(cfg.head_dim, cfg.rope_theta, max_len, d) for d in set(self.devices)
         }
 
     def free_cache(self) -> None:
@@ -347,13 +378,13 @@ class LlamaForCausalLM(nn.Module):
             layer.self_attn.k_cache = layer.self_attn.v_cache = None
         self._rope = {}
 
-    def copy_slot(self, src: int, dst: int, length: int) -> None:
-        """Copies K/V positions [0, length) of slot src into slot dst."""
+    def copy_block(self, src: int, dst: int, length: int) -> None:
+        """Copies K/V positions [0, length) of block src into block dst."""
         for layer in self.decoder_layers:
             attn = layer.self_attn
             assert attn.k_cache is not None and attn.v_cache is not None
-            attn.k_cache[dst, :, :length] = attn.k_cache[src, :, :length]
-            attn.v_cache[dst, :, :length] = attn.v_cache[src, :, :length]
+            attn.k_cache[dst, :length] = attn.k_cache[src, :length]
+            attn.v_cache[dst, :length] = attn.v_cache[src, :length]
 
     # Steps.
 
@@ -378,32 +409,38 @@ class LlamaForCausalLM(nn.Module):
         """One pass over several sequences' tokens: tokens [N] (int64), `parts` in order (prompt
         chunks, decode rows). Writes their K/V into the cache and returns the final hidden states
         [N, D] (after the norm, on the last device)."""
-        slots: list[int] = []
-        positions: list[int] = []
+        size = self.block_size
+        kv = self.config.num_kv_heads
+        blocks: list[torch.Tensor] = []  # cache block of each token
+        positions: list[torch.Tensor] = []
         tensors: dict[str, torch.Tensor] = {}
         for i, part in enumerate(parts):
             if isinstance(part, Chunk):
-                n = part.num_tokens
-                slots += [part.slot] * n
-                positions += range(part.start, part.start + n)
+                pos = torch.arange(part.start, part.start + part.length)
+                table = torch.tensor(part.blocks)
+                blocks.append(table[pos // size])
                 if part.start:
-                    end = part.start + n
-                    mask = torch.arange(end)[None, :] <= torch.arange(part.start, end)[:, None]
+                    end = part.start + part.length
+                    tensors[f"blocks{i}"] = table[: -(-end // size)]
+                    mask = torch.arange(end)[None, :] <= pos[:, None]
                     tensors[f"mask{i}"] = mask[None, None]  # [1, 1, n, end]
             else:
-                slots += part.slots
-                positions += part.positions
-                span = torch.arange(part.span)[None, :]
-                mask = span <= torch.tensor(part.positions)[:, None]
+                pos = torch.tensor(part.positions)
+                per_row = -(-part.span // size)
+                padded = [(*t, *(t[-1:] * (per_row - len(t))))[:per_row] for t in part.tables]
+                table = torch.tensor(padded)  # [B, per_row]
+                blocks.append(table.gather(1, (pos // size)[:, None])[:, 0])
+                if part.first is None:
+                    tensors[f"blocks{i}"] = table.flatten()
+                mask = torch.arange(part.span)[None, :] <= pos[:, None]
                 tensors[f"mask{i}"] = mask[:, None, None, :]  # [B, 1, 1, A]
-                tensors[f"slots{i}"] = torch.tensor(part.slots)
-        if len(slots) != tokens.shape[0]:
-            raise ValueError(f"{tokens.shape[0]} tokens for parts of {len(slots)}")
-        pos = torch.tensor(positions)
-        kv = self.config.num_kv_heads
+            positions.append(pos)
+        pos = torch.cat(positions)
+        if pos.shape[0] != tokens.shape[0]:
+            raise ValueError(f"{tokens.shape[0]} tokens for parts of {pos.shape[0]}")
+        cells = torch.cat(blocks) * size + pos % size  # [N]: cache position of each token
         heads = torch.arange(kv)
-        kv_rows = (torch.tensor(slots)[:, None] * kv + heads[None, :]) * self.slot_len
-        tensors["kv_rows"] = (kv_rows + pos[:, None]).flatten()  # [N * KV], row-major (n, kv)
+        tensors["kv_rows"] = (cells[:, None] * kv + heads[None, :]).flatten()  # [N * KV]
         tensors["positions"] = pos
         per_device = _PerDevice(**tensors)
         x = self.model.embed_tokens(tokens.to(self.devices[0]))[None]  # [1, N, D]

@@ -245,6 +245,13 @@ class LlamaConfig(ServableConfig):
     # into chunks over several steps; 0: no limit (every prompt that finds slots runs whole).
     # Smaller keeps decodes flowing while long prompts arrive; larger starts prompts sooner.
     max_num_batched_tokens: int = 2048
+    # The paged KV cache (backends that page it: torch): positions per block (KV_BLOCK_SIZE),
+    # positions in all (KV_CACHE_TOKENS; 0: every sequence of the largest batch at full length,
+    # so no request is ever preempted), and whether prompts reuse the cached blocks of a prefix
+    # they share with earlier prompts (PREFIX_CACHING).
+    kv_block_size: int = 16
+    kv_cache_tokens: int = 0
+    prefix_caching: bool = True
 
     dtype: str = "bfloat16"
     batch_sizes: tuple[int, ...] = (1,)
@@ -262,6 +269,9 @@ class LlamaConfig(ServableConfig):
             "TRUNCATE_PROMPT": "truncate_prompt",
             "MAX_QUEUE": "max_queue",
             "MAX_NUM_BATCHED_TOKENS": "max_num_batched_tokens",
+            "KV_BLOCK_SIZE": "kv_block_size",
+            "KV_CACHE_TOKENS": "kv_cache_tokens",
+            "PREFIX_CACHING": "prefix_caching",
             "NUM_LAYERS": "num_layers",
             "NUM_HEADS": "num_heads",
             "NUM_KV_HEADS": "num_kv_heads",
@@ -325,6 +335,16 @@ class LlamaConfig(ServableConfig):
             raise InvalidArgumentError(
                 f"MAX_NUM_BATCHED_TOKENS must be 0 (no limit) or positive, got "
                 f"{self.max_num_batched_tokens}"
+            )
+        if self.kv_block_size <= 0 or self.kv_cache_tokens < 0:
+            raise InvalidArgumentError(
+                f"KV_BLOCK_SIZE must be positive and KV_CACHE_TOKENS 0 (every sequence at full "
+                f"length) or positive, got {self.kv_block_size} and {self.kv_cache_tokens}"
+            )
+        if 0 < self.kv_cache_tokens < self.slot_len:
+            raise InvalidArgumentError(
+                f"KV_CACHE_TOKENS {self.kv_cache_tokens} does not hold one sequence of "
+                f"INPUT_SEQ_LEN + MAX_DECODE_STEPS = {self.slot_len} positions; raise it"
             )
         if self.slot_len > self.max_seq_len:
             raise InvalidArgumentError(

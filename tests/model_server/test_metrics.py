@@ -121,6 +121,12 @@ def test_the_endpoint_follows_the_calls(server: ModelServer) -> None:
     # Nothing is left running.
     assert value(after, "sax_model_server_calls_in_flight") == 0
     assert value(after, "sax_model_server_cache_slots_used", model=ENGINE) == 0
+    # One KV cache block per slot here; none held once the calls are done.
+    assert value(after, "sax_model_server_kv_cache_blocks", model=ENGINE) == 8
+    assert value(after, "sax_model_server_kv_cache_blocks_used", model=ENGINE) == 0
+    assert delta("sax_model_server_prefix_cache_queried_tokens_total", model=ENGINE) > 0
+    assert value(after, "sax_model_server_prefix_cache_hit_tokens_total", model=ENGINE) == 0
+    assert value(after, "sax_model_server_preemptions_total", model=ENGINE) == 0
     assert value(after, "sax_model_server_running_requests", model=ENGINE) == 0
     assert value(after, "sax_model_server_queue_depth", model=ENGINE) == 0
 

@@ -1,14 +1,18 @@
 """The torch runner: the engine's `Runner` over a PyTorch Llama on CPU or CUDA.
 
-It owns a Llama model and its static KV cache of `num_slots` slots of `max_seq_len` positions
-(the config's INPUT_SEQ_LEN + MAX_DECODE_STEPS). An engine step runs in one pass through the
-model (`step_logits`): every prompt chunk the scheduler handed out (several prompts, or later
-pieces of long ones: the runner prefills in chunks) and every decode row share each layer's
-matrix products. Prompts and decode batches run at their exact size (eager torch gains nothing
-from padding); the attended length of decode rows is rounded up to a multiple of SPAN_STEP (or
-the slot length), in groups of at most the largest BATCH_SIZE; when a group's slots are
-consecutive (the usual case: the lowest free slot goes first) the cache is attended in place
-instead of gathered.
+It owns a Llama model and its paged KV cache: blocks of KV_BLOCK_SIZE positions, as many as
+KV_CACHE_TOKENS holds (default: every one of `num_slots` sequences at its full length,
+INPUT_SEQ_LEN + MAX_DECODE_STEPS). The engine's scheduler hands out the blocks; each sequence
+in a step comes with its block table. An engine step runs in one pass through the model
+(`step_logits`): every prompt chunk the scheduler handed out (several prompts, or later pieces
+of long ones: the runner prefills in chunks) and every decode row share each layer's matrix
+products. Prompts and decode batches run at their exact size (eager torch gains nothing from
+padding); decode rows attend to their blocks up to the group's longest sequence rounded up to
+SPAN_STEP, in groups of at most the largest BATCH_SIZE.
+
+The slot calls of `LogitsRunner` (`prefill_logits`, `decode_logits`, `copy_slot`) see slot s as
+the fixed block table s * per_slot, ..., (s + 1) * per_slot - 1 (per_slot blocks hold a
+sequence), so they need a cache that holds every slot at full length.
 
 Every method runs under `torch.inference_mode`; logits come back as float32 numpy arrays and
 are sampled on the host (`model_server.backends.logits_runner`).
@@ -27,7 +31,8 @@ import torch
 
 from model_server.backends.logits_runner import LogitsRunner, RunnerChecks, smallest_at_least
 from model_server.backends.torch.weights import build_model, resolve_dtype
-from model_server.engine.scheduler import SchedulerOutput
+from model_server.engine.kv_cache import blocks_for
+from model_server.engine.scheduler import BlockCopy, SchedulerOutput
 from model_server.models.llama_torch import Chunk, DecodeRows, LlamaForCausalLM, Part
 from sax.errors import FailedPreconditionError, InvalidArgumentError
 from servables.configs.llama import LlamaConfig
@@ -65,10 +70,46 @@ class TorchRunner(RunnerChecks, LogitsRunner):
         self.config = config
         self._set_shapes(config, num_slots)
         self.spans = (*range(SPAN_STEP, self.max_seq_len, SPAN_STEP), self.max_seq_len)
+        self._block_size = config.kv_block_size
+        self._per_slot = blocks_for(self.max_seq_len, self._block_size)
+        tokens = config.kv_cache_tokens or num_slots * self._per_slot * self._block_size
+        self._num_blocks = blocks_for(tokens, self._block_size)
         self._model: LlamaForCausalLM | None = model
         self._lock = threading.Lock()
         with torch.inference_mode():
-            model.allocate_cache(num_slots, self.max_seq_len)
+            model.allocate_cache(self._num_blocks, self._block_size, self.max_seq_len)
+
+    @property
+    def block_size(self) -> int:
+        return self._block_size
+
+    @property
+    def num_blocks(self) -> int:
+        return self._num_blocks
+
+    def _slot_table(self, slot: int) -> tuple[int, ...]:
+        """The fixed block table of a slot (the slot calls)."""
+        self._check_slot(slot)
+        first = slot * self._per_slot
+        if first + self._per_slot > self._num_blocks:
+            raise FailedPreconditionError(
+                f"the KV cache of {self._num_blocks} blocks does not hold slot {slot} at full "
+                "length; slot calls need KV_CACHE_TOKENS of at least every slot's length"
+            )
+        return tuple(range(first, first + self._per_slot))
+
+    def _check_table(self, blocks: Sequence[int], end: int) -> None:
+        """A block table that holds positions [0, end)."""
+        bad = [b for b in blocks if not 0 <= b < self._num_blocks]
+        if bad:
+            raise InvalidArgumentError(
+                f"KV cache blocks {bad[:5]} are outside [0, {self._num_blocks})"
+            )
+        if len(blocks) * self._block_size < end:
+            raise InvalidArgumentError(
+                f"a table of {len(blocks)} blocks holds {len(blocks) * self._block_size} "
+                f"positions, not {end}"
+            )
 
     def _live(self) -> LlamaForCausalLM:
         if self._model is None:
@@ -80,12 +121,21 @@ class TorchRunner(RunnerChecks, LogitsRunner):
     def prefill_logits(
         self, slot: int, tokens: Sequence[int], *, all_logits: bool = True, start: int = 0
     ) -> np.ndarray:
-        n = len(tokens)
         self._check_prefill(slot, tokens, start)
+        return self.prefill_blocks(
+            self._slot_table(slot), tokens, all_logits=all_logits, start=start
+        )
+
+    def prefill_blocks(
+        self, blocks: Sequence[int], tokens: Sequence[int], *, all_logits: bool, start: int = 0
+    ) -> np.ndarray:
+        n = len(tokens)
+        self._check_prefill(None, tokens, start)
+        self._check_table(blocks, start + n)
         with self._lock, torch.inference_mode():
             model = self._live()
             ids = torch.tensor(list(tokens), dtype=torch.long)
-            hidden = model.step(ids, [Chunk(slot, start, n)])  # [T, D]
+            hidden = model.step(ids, [Chunk(tuple(blocks), start, n)])  # [T, D]
             hidden = hidden if all_logits else hidden[n - 1 : n]
             return model.logits(hidden).cpu().numpy()
 
@@ -93,54 +143,77 @@ class TorchRunner(RunnerChecks, LogitsRunner):
         self, slots: Sequence[int], tokens: Sequence[int], positions: Sequence[int]
     ) -> np.ndarray:
         self._check_decode(slots, tokens, positions)
+        tables = [self._slot_table(s) for s in slots]
         with self._lock, torch.inference_mode():
             model = self._live()
             ids = torch.tensor(list(tokens), dtype=torch.long)
-            hidden = model.step(ids, self._decode_parts(slots, positions))  # [B, D]
+            hidden = model.step(ids, self._decode_parts(tables, positions))  # [B, D]
             return model.logits(hidden).cpu().numpy()
 
-    def _decode_parts(self, slots: Sequence[int], positions: Sequence[int]) -> list[DecodeRows]:
+    def _decode_parts(
+        self, tables: Sequence[Sequence[int]], positions: Sequence[int]
+    ) -> list[DecodeRows]:
         """Decode rows in groups of at most the largest batch size, each attending to a span
-        rounded up to SPAN_STEP, in place when its slots are consecutive."""
+        rounded up to SPAN_STEP."""
         largest = self.batch_sizes[-1]
         parts = []
-        for i in range(0, len(slots), largest):
-            group, pos = tuple(slots[i : i + largest]), tuple(positions[i : i + largest])
+        for i in range(0, len(tables), largest):
+            group = tuple(tuple(t) for t in tables[i : i + largest])
+            pos = tuple(positions[i : i + largest])
+            for table, p in zip(group, pos, strict=True):
+                self._check_table(table, p + 1)
             span = smallest_at_least(self.spans, max(pos) + 1)
             assert span is not None
-            first = group[0]
-            consecutive = all(s == first + j for j, s in enumerate(group))
-            parts.append(DecodeRows(group, pos, span, first if consecutive else None))
+            parts.append(DecodeRows(group, pos, span, *self._evenly_spaced(group, span)))
         return parts
+
+    def _evenly_spaced(self, tables: Sequence[Sequence[int]], span: int) -> tuple[int | None, int]:
+        """(first, stride) when each table's blocks follow each other and the tables start
+        `stride` blocks apart (the cache is then attended in place); (None, 0) otherwise."""
+        first = tables[0][0]
+        stride = tables[1][0] - first if len(tables) > 1 else 0
+        needed = blocks_for(span, self._block_size)
+        if len(tables) > 1 and stride <= 0:
+            return None, 0
+        # A row's view may run into the next row's blocks: those positions are masked.
+        for b, table in enumerate(tables):
+            start = first + b * stride
+            if any(block != start + j for j, block in enumerate(table[:needed])):
+                return None, 0
+        if first + (len(tables) - 1) * stride + needed > self._num_blocks:
+            return None, 0  # the view would pass the end of the cache
+        return first, stride
 
     def step_logits(self, work: SchedulerOutput) -> np.ndarray:
         """Every prompt chunk and decode row of the step in one pass through the model."""
         tokens: list[int] = []
         parts: list[Part] = []
         wanted: list[int] = []  # rows of the pass whose logits are sampled, in output order
-        copies: list[tuple[int, int, int]] = []  # (src, dst, length) after the pass
+        copies: list[BlockCopy] = []  # after the pass
         for p in work.prefills:
             chunk = p.chunk
-            self._check_prefill(p.slots[0], chunk, p.start)
-            parts.append(Chunk(p.slots[0], p.start, len(chunk)))
+            self._check_prefill(None, chunk, p.start)
+            self._check_table(p.blocks, p.end)
+            parts.append(Chunk(p.blocks, p.start, len(chunk)))
             tokens += chunk
-            if p.final:
-                wanted += [len(tokens) - 1] * len(p.slots)
-                copies += [(p.slots[0], s, len(p.tokens)) for s in p.slots[1:]]
-        for copy in copies:
-            self._check_copy(*copy)
+            wanted += [len(tokens) - 1] * len(p.sampled_keys)
+            copies += p.copies
+        for c in copies:
+            self._check_table((c.src, c.dst), 0)
+            if not 0 <= c.length <= self._block_size:
+                raise InvalidArgumentError(f"copy length {c.length} passes a block")
         for batch in work.decodes:
-            self._check_decode(batch.slots, batch.tokens, batch.positions)
+            self._check_decode(batch.slots, batch.tokens, batch.positions, check_slots=False)
             wanted += range(len(tokens), len(tokens) + len(batch.tokens))
-            parts += self._decode_parts(batch.slots, batch.positions)
+            parts += self._decode_parts(batch.blocks, batch.positions)
             tokens += batch.tokens
         if not parts:
             return np.zeros((0, self.vocab_size), np.float32)
         with self._lock, torch.inference_mode():
             model = self._live()
             hidden = model.step(torch.tensor(tokens, dtype=torch.long), parts)  # [N, D]
-            for copy in copies:
-                model.copy_slot(*copy)
+            for c in copies:
+                model.copy_block(c.src, c.dst, c.length)
             if not wanted:
                 return np.zeros((0, self.vocab_size), np.float32)
             rows = torch.tensor(wanted, device=hidden.device)
@@ -149,8 +222,12 @@ class TorchRunner(RunnerChecks, LogitsRunner):
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         if not self._check_copy(src, dst, length):
             return
+        src_table, dst_table = self._slot_table(src), self._slot_table(dst)
         with self._lock, torch.inference_mode():
-            self._live().copy_slot(src, dst, length)
+            model = self._live()
+            for i in range(blocks_for(length, self._block_size)):
+                n = min(self._block_size, length - i * self._block_size)
+                model.copy_block(src_table[i], dst_table[i], n)
 
     def close(self) -> None:
         with self._lock:

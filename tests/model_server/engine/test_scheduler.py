@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import threading
@@ -9,7 +10,7 @@ import threading
 import pytest
 
 from model_server.engine.request import FinishReason, Request, RequestKind, SampleOptions
-from model_server.engine.scheduler import SampleKey, Scheduler, SchedulerOutput
+from model_server.engine.scheduler import PrefillWork, SampleKey, Scheduler, SchedulerOutput
 from sax.errors import (
     CancelledError,
     DeadlineExceededError,
@@ -49,7 +50,7 @@ def make(num_slots: int = 4, **kwargs: int | bool) -> Scheduler:
 
 
 def keys_of(out: SchedulerOutput) -> list[SampleKey]:
-    keys = [(w.request_id, i) for w in out.prefills for i in range(len(w.slots))]
+    keys = [key for w in out.prefills for key in w.sampled_keys]
     return keys + [k for b in out.decodes for k in b.keys]
 
 
@@ -87,7 +88,7 @@ def test_full_queue_is_resource_exhausted() -> None:
 
 def test_requests_that_can_never_fit_are_invalid() -> None:
     s = make(num_slots=2)
-    with pytest.raises(InvalidArgumentError, match="3 KV cache slots"):
+    with pytest.raises(InvalidArgumentError, match="3 sequences"):
         s.add(gen(1, samples=3))
     with pytest.raises(InvalidArgumentError, match="positions"):
         s.add(gen(2, prompt_len=32))  # no room left for a generated token
@@ -384,3 +385,149 @@ def test_aborting_a_request_between_its_chunks_frees_its_slots() -> None:
     out, _, _ = run_step(s)
     assert [a.request_id for a in out.aborted] == [1] and not out.prefills
     assert s.num_free_slots == 2 and not s.has_work()
+
+
+# The paged KV cache: blocks shared by samples, the prefix cache, preemption.
+
+
+def paged(num_blocks: int = 16, **kwargs: int | bool) -> Scheduler:
+    kwargs.setdefault("max_queue", 8)
+    kwargs.setdefault("max_batch_size", 8)
+    return Scheduler(
+        4,
+        32,
+        block_size=4,
+        num_blocks=num_blocks,
+        chunked_prefill=True,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def prompt_of(n: int, first: int = 1) -> Request:
+    return Request(
+        request_id=first,
+        kind=RequestKind.GENERATE,
+        prompt=tuple(range(first * 100, first * 100 + n)),
+        samples=(SampleOptions(),),
+        max_decode_steps=4,
+    )
+
+
+def test_samples_share_the_prompts_full_blocks_and_copy_its_partial_one() -> None:
+    s = paged()
+    s.add(gen(1, prompt_len=6, samples=3, steps=2))
+    out = s.schedule(0.0)
+    (work,) = out.prefills
+    assert len(work.blocks) == 2 and len(work.forks) == 2
+    assert all(f[0] == work.blocks[0] and f[1] != work.blocks[1] for f in work.forks)
+    assert [(c.src, c.length) for c in work.copies] == [(work.blocks[1], 2)] * 2
+    assert s.pool.refs(work.blocks[0]) == 3 and s.pool.num_free == 16 - 4
+    s.update(out, dict.fromkeys(work.sampled_keys, 7), {})
+    # The first decode of each sample writes position 6, inside its own second block.
+    out = s.schedule(0.0)
+    assert [b[1] for b in out.decodes[0].blocks] == [work.blocks[1], *(f[1] for f in work.forks)]
+    s.update(out, dict.fromkeys(out.decodes[0].keys, 7), {})  # two tokens each: done
+    assert s.num_running == 0 and s.pool.num_free == 16
+
+
+def test_a_block_aligned_prompt_is_shared_whole_and_each_sample_grows_its_own() -> None:
+    s = paged()
+    s.add(gen(1, prompt_len=8, samples=2, steps=3))
+    out = s.schedule(0.0)
+    (work,) = out.prefills
+    assert work.forks == (work.blocks,) and work.copies == ()
+    s.update(out, dict.fromkeys(work.sampled_keys, 7), {})
+    out = s.schedule(0.0)  # position 8 opens a third block for each sample
+    tables = out.decodes[0].blocks
+    assert [t[:2] for t in tables] == [work.blocks] * 2 and tables[0][2] != tables[1][2]
+
+
+def test_a_shared_prefix_is_prefilled_once() -> None:
+    s = paged()
+    s.add(prompt_of(10))
+    out, _, _ = run_step(s)
+    first = out.prefills[0].blocks
+    while s.has_work():
+        run_step(s)
+    assert s.pool.num_cached == 2  # the prompt's two full blocks stay cached after it ended
+    # The same ten tokens again: the first two blocks (8 positions) come from the cache.
+    again = dataclasses.replace(prompt_of(10), request_id=2)
+    s.add(again)
+    out, _, _ = run_step(s)
+    (work,) = out.prefills
+    assert work.start == 8 and work.blocks[:2] == first[:2] and work.tokens == again.prompt
+    assert (s.pool.stats().queried_tokens, s.pool.stats().hit_tokens) == (20, 8)
+    # A prompt that diverges in its second block reuses only the first.
+    other = Request(3, RequestKind.GENERATE, (*again.prompt[:5], 0, 0, 0, 0), (SampleOptions(),), 2)
+    s.add(other)
+    out, _, _ = run_step(s)
+    assert [w.start for w in out.prefills if w.request_id == 3] == [4]
+
+
+def test_without_prefix_caching_every_prompt_runs_whole() -> None:
+    s = paged(prefix_caching=False)
+    for rid in (1, 2):
+        s.add(dataclasses.replace(prompt_of(10), request_id=rid))
+        out, _, _ = run_step(s)
+        assert [w.start for w in out.prefills if w.request_id == rid] == [0]
+
+
+def test_preemption_when_blocks_run_out_loses_no_token() -> None:
+    """Two requests that outgrow a 6-block cache: the newer is preempted, waits at the head of
+    the queue, refills its prompt and what it had generated (sampling nothing), and both end
+    with every token they were owed."""
+    s = paged(num_blocks=6)
+    for rid in (1, 2):
+        s.add(
+            Request(
+                rid,
+                RequestKind.GENERATE,
+                tuple(range(rid * 10, rid * 10 + 4)),
+                (SampleOptions(),),
+                max_decode_steps=12,
+            )
+        )
+    made: dict[int, list[int]] = {1: [], 2: []}
+    refills: list[PrefillWork] = []
+    for _ in range(80):
+        if not s.has_work():
+            break
+        out = s.schedule(0.0)
+        assert out.aborted == ()
+        refills += [w for w in out.prefills if w.resume]
+        keys = [k for w in out.prefills for k in w.sampled_keys]
+        keys += [k for b in out.decodes for k in b.keys]
+        tokens = {k: 1000 * k[0] + len(made[k[0]]) for k in keys}
+        for k in keys:
+            made[k[0]].append(tokens[k])
+        s.update(out, tokens, {})
+    assert not s.has_work() and s.preemptions >= 1
+    assert made == {rid: [1000 * rid + i for i in range(12)] for rid in (1, 2)}
+    assert refills and all(w.request_id == 2 for w in refills)
+    # A refill is the prompt and the tokens generated before the preemption but the last.
+    w = refills[0]
+    assert w.tokens[:4] == (20, 21, 22, 23) and list(w.tokens[4:]) == made[2][: len(w.tokens) - 4]
+    assert s.pool.num_free == 6
+
+
+def test_a_request_that_could_outgrow_the_cache_is_refused() -> None:
+    s = paged(num_blocks=4)
+    with pytest.raises(InvalidArgumentError, match="may need 6 KV cache blocks"):
+        s.add(gen(1, prompt_len=4, samples=2, steps=8))
+
+
+def test_abort_of_a_preempted_request_releases_its_samples() -> None:
+    s = paged(num_blocks=6)
+    for rid in (1, 2):
+        s.add(Request(rid, RequestKind.GENERATE, (1, 2, 3, 4), (SampleOptions(),), 12))
+    for _ in range(40):
+        out = s.schedule(0.0)
+        keys = [k for w in out.prefills for k in w.sampled_keys]
+        keys += [k for b in out.decodes for k in b.keys]
+        s.update(out, dict.fromkeys(keys, 7), {})
+        if s.preemptions:
+            break
+    assert s.preemptions == 1 and s.num_waiting == 1
+    assert s.abort(2, CancelledError("gone"))
+    out = s.schedule(0.0)
+    assert [a.request_id for a in out.aborted] == [2] and (2, 0) in out.released

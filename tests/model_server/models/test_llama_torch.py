@@ -92,33 +92,39 @@ def test_prefill_and_decode_match_transformers() -> None:
     tokens = torch.randint(0, TINY.vocab_size, (1, 24), generator=torch.Generator().manual_seed(2))
     ref = hf_logits(hf, tokens)[0]  # [T, V]
     with torch.inference_mode():
-        model.allocate_cache(num_slots=3, slot_len=TINY.slot_len)
-        hidden = model.step(tokens[0, :16], [Chunk(1, 0, 16)])
-        torch.testing.assert_close(model.logits(hidden), ref[:16], atol=1e-5, rtol=1e-5)
+        model.allocate_cache(num_blocks=12, block_size=8, max_len=TINY.slot_len)
+        scattered, consecutive = (7, 2, 10, 4), (3, 4, 5, 6)
+        for table in (scattered, consecutive):
+            hidden = model.step(tokens[0, :16], [Chunk(table, 0, 16)])
+            torch.testing.assert_close(model.logits(hidden), ref[:16], atol=1e-5, rtol=1e-5)
         for pos in range(16, 24):
-            rows = DecodeRows((1,), (pos,), span=32, first_slot=1 if pos % 2 else None)
-            hidden = model.step(tokens[0, pos : pos + 1], [rows])
-            torch.testing.assert_close(model.logits(hidden)[0], ref[pos], atol=1e-5, rtol=1e-5)
+            # Gathered from the scattered blocks, and attended in place in the consecutive ones.
+            for table, first in ((scattered, None), (consecutive, 3)):
+                rows = DecodeRows((table,), (pos,), span=32, first=first)
+                hidden = model.step(tokens[0, pos : pos + 1], [rows])
+                logits = model.logits(hidden)[0]
+                torch.testing.assert_close(logits, ref[pos], atol=1e-5, rtol=1e-5)
 
 
 def test_one_pass_mixes_prompt_chunks_and_decode_rows() -> None:
     """A step with a prompt's first chunk, another prompt's later chunk and decode rows of two
-    slots gives each token the logits of its own sequence run alone."""
+    sequences gives each token the logits of its own sequence run alone."""
     hf = hf_model(TINY)
     model = build_model(TINY, hf.state_dict().items())
     gen = torch.Generator().manual_seed(3)
     seqs = [torch.randint(0, TINY.vocab_size, (20,), generator=gen) for _ in range(4)]
     refs = [hf_logits(hf, s[None])[0] for s in seqs]  # [20, V] each
     with torch.inference_mode():
-        model.allocate_cache(num_slots=5, slot_len=TINY.slot_len)
-        # Slots 0, 1, 3 hold 12, 8 and 15 positions of sequences 0, 1, 3 already.
-        model.step(seqs[0][:12], [Chunk(0, 0, 12)])
-        model.step(seqs[1][:8], [Chunk(1, 0, 8)])
-        model.step(seqs[3][:15], [Chunk(3, 0, 15)])
+        model.allocate_cache(num_blocks=16, block_size=4, max_len=TINY.slot_len)
+        tables = [(0, 5, 9, 13, 14), (1, 6, 10, 2), (3, 7), (15, 11, 12, 4, 8)]
+        # Sequences 0, 1, 3 hold 12, 8 and 15 positions already.
+        model.step(seqs[0][:12], [Chunk(tables[0], 0, 12)])
+        model.step(seqs[1][:8], [Chunk(tables[1], 0, 8)])
+        model.step(seqs[3][:15], [Chunk(tables[3], 0, 15)])
         parts = [
-            Chunk(2, 0, 6),  # sequence 2's first chunk
-            Chunk(1, 8, 5),  # sequence 1's next chunk, attending to its cached 8
-            DecodeRows((0, 3), (12, 15), span=32),  # one token each, gathered slots
+            Chunk(tables[2], 0, 6),  # sequence 2's first chunk
+            Chunk(tables[1], 8, 5),  # sequence 1's next chunk, attending to its cached 8
+            DecodeRows((tables[0], tables[3]), (12, 15), span=32),  # one token each
         ]
         tokens = torch.cat((seqs[2][:6], seqs[1][8:13], seqs[0][12:13], seqs[3][15:16]))
         logits = model.logits(model.step(tokens, parts))  # [13, V]

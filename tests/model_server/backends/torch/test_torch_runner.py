@@ -12,7 +12,7 @@ import torch
 from model_server.backends.torch.torch_runner import TorchRunner, build_runner
 from model_server.backends.torch.weights import resolve_dtype
 from model_server.engine.request import SampleOptions
-from model_server.engine.scheduler import DecodeBatch, PrefillWork, SchedulerOutput
+from model_server.engine.scheduler import BlockCopy, DecodeBatch, PrefillWork, SchedulerOutput
 from sax.errors import FailedPreconditionError, InvalidArgumentError
 from servables.configs.llama import LlamaConfig
 
@@ -211,34 +211,55 @@ def test_cuda_matches_cpu(runner: TorchRunner) -> None:
     gpu.close()
 
 
-def test_a_step_runs_chunks_whole_prompts_and_decodes_in_one_pass(runner: TorchRunner) -> None:
-    """step_logits of mixed work equals each sequence's cache-free pass: a prompt split over
-    two steps, a whole prompt with two samples, and decode rows beside them."""
+PAGED = dataclasses.replace(CONFIG, kv_block_size=4, kv_cache_tokens=160)  # 40 blocks
+
+
+@pytest.fixture(scope="module")
+def paged() -> TorchRunner:
+    return build_runner(PAGED, random_weights(PAGED).items(), num_slots=4)
+
+
+def test_a_step_runs_chunks_whole_prompts_and_decodes_in_one_pass(paged: TorchRunner) -> None:
+    """step_logits of mixed work over scattered block tables equals each sequence's
+    cache-free pass: a prompt split over two steps, a whole prompt with two samples (sharing
+    its full block, the partial one copied), and decode rows beside them."""
     a, b, c = tokens_of(11, 40), tokens_of(6, 41), tokens_of(9, 42)
-    runner.prefill_logits(4, c[:8])
+    paged.prefill_blocks((11, 12, 13), c[:8], all_logits=False)
+    one = (SampleOptions(),)
     first = SchedulerOutput(
         step=1,
         prefills=(
-            PrefillWork(1, tuple(a), (0,), (SampleOptions(),), start=0, stop=5),
-            PrefillWork(2, tuple(b), (1, 2), (SampleOptions(),) * 2),
+            PrefillWork(1, tuple(a), (30, 3, 17), one, start=0, stop=5, block_size=4),
+            PrefillWork(2, tuple(b), (5, 9), one * 2, forks=((5, 20),), block_size=4),
         ),
-        decodes=(DecodeBatch(((3, 0),), (4,), (c[8],), (8,)),),
+        decodes=(DecodeBatch(((3, 0),), ((11, 12, 13),), (c[8],), (8,)),),
     )
-    rows = torch.from_numpy(runner.step_logits(first))  # b's two samples, then c's row
+    assert first.prefills[1].copies == (BlockCopy(9, 20, 2),)
+    rows = torch.from_numpy(paged.step_logits(first))  # b's two samples, then c's row
     assert rows.shape == (3, CONFIG.vocab_size)
-    torch.testing.assert_close(rows[0], full_forward(runner, b)[-1], atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(rows[0], full_forward(paged, b)[-1], atol=ATOL, rtol=ATOL)
     torch.testing.assert_close(rows[1], rows[0])
-    torch.testing.assert_close(rows[2], full_forward(runner, c)[-1], atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(rows[2], full_forward(paged, c)[-1], atol=ATOL, rtol=ATOL)
     second = SchedulerOutput(
         step=2,
-        prefills=(PrefillWork(1, tuple(a), (0,), (SampleOptions(),), start=5),),
-        decodes=(DecodeBatch(((2, 0), (2, 1)), (1, 2), (7, 8), (6, 6)),),
+        prefills=(PrefillWork(1, tuple(a), (30, 3, 17), one, start=5, block_size=4),),
+        decodes=(DecodeBatch(((2, 0), (2, 1)), ((5, 9), (5, 20)), (7, 8), (6, 6)),),
     )
-    rows = torch.from_numpy(runner.step_logits(second))
-    torch.testing.assert_close(rows[0], full_forward(runner, a)[-1], atol=ATOL, rtol=ATOL)
-    for row, token in ((1, 7), (2, 8)):  # the copied slot diverges from the first
-        ref = full_forward(runner, [*b, token])[-1]
+    rows = torch.from_numpy(paged.step_logits(second))
+    torch.testing.assert_close(rows[0], full_forward(paged, a)[-1], atol=ATOL, rtol=ATOL)
+    for row, token in ((1, 7), (2, 8)):  # the copied block diverges from the first
+        ref = full_forward(paged, [*b, token])[-1]
         torch.testing.assert_close(rows[row], ref, atol=ATOL, rtol=ATOL)
+
+
+def test_block_tables_are_checked(paged: TorchRunner) -> None:
+    with pytest.raises(InvalidArgumentError, match="holds 8 positions, not 9"):
+        paged.prefill_blocks((1, 2), tokens_of(9, 1), all_logits=False)
+    with pytest.raises(InvalidArgumentError, match=r"outside \[0, 40\)"):
+        paged.prefill_blocks((1, 40), tokens_of(5, 1), all_logits=False)
+    # Slot calls need every slot at full length: 4 slots of 25 blocks do not fit in 40.
+    with pytest.raises(FailedPreconditionError, match="KV_CACHE_TOKENS"):
+        paged.prefill_logits(3, tokens_of(5, 1))
 
 
 def test_dtype_auto_follows_the_cpu() -> None:
@@ -252,3 +273,21 @@ def test_dtype_auto_follows_the_cpu() -> None:
     assert auto._live().lm_head.weight.dtype == expected
     assert auto.prefill_logits(0, tokens_of(5, 1)).dtype == np.float32
     auto.close()
+
+
+def test_decode_rows_attend_in_place_when_their_blocks_follow_each_other(
+    paged: TorchRunner,
+) -> None:
+    spaced = paged._evenly_spaced
+    assert spaced([(4, 5, 6)], 12) == (4, 0)
+    assert spaced([(4, 5, 6), (10, 11)], 12) == (4, 6)
+    assert spaced([(4, 5, 6), (10, 12)], 12) == (None, 0)  # a gap in the second table
+    assert spaced([(4, 5), (10, 11), (15, 16)], 8) == (None, 0)  # uneven spacing
+    assert spaced([(38, 39)], 12) == (None, 0)  # the view would pass the last block
+    # Both ways give the logits of the cache-free pass.
+    seq = tokens_of(9, 50)
+    for table in ((20, 21, 22), (22, 20, 21)):
+        paged.prefill_blocks(table, seq[:8], all_logits=False)
+        step = SchedulerOutput(step=1, decodes=(DecodeBatch(((1, 0),), (table,), (seq[8],), (8,)),))
+        row = torch.from_numpy(paged.step_logits(step))[0]
+        torch.testing.assert_close(row, full_forward(paged, seq)[-1], atol=ATOL, rtol=ATOL)
