@@ -101,6 +101,11 @@ QUICK = Plan(
 )
 
 
+# Set from the command line: CPU_THREADS when --threads fixes the thread count (0: the engine
+# picks it while serving).
+ENGINE_OVERRIDES: dict[str, str] = {}
+
+
 def overrides_for(plan: Plan) -> dict[str, str]:
     """Publish overrides sizing the servable for the plan: prompts up to 128 tokens in three
     buckets, `output_len` decode steps, one KV slot per concurrent request."""
@@ -113,6 +118,7 @@ def overrides_for(plan: Plan) -> dict[str, str]:
         "MAX_DECODE_STEPS": str(plan.output_len),
         "BATCH_SIZE": json.dumps(sizes),
         "MAX_QUEUE": "256",
+        **ENGINE_OVERRIDES,
     }
 
 
@@ -477,9 +483,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     unknown = set(args.systems) - set(ALL_SYSTEMS)
     if unknown:
         parser.error(f"unknown systems {sorted(unknown)}; choose from {ALL_SYSTEMS}")
+    if args.threads:
+        ENGINE_OVERRIDES["CPU_THREADS"] = str(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("sax", "model_server", "httpx", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("model_server.backends.torch.threads").setLevel(logging.INFO)
     print(run(args))
 
 

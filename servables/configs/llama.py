@@ -252,6 +252,9 @@ class LlamaConfig(ServableConfig):
     kv_block_size: int = 16
     kv_cache_tokens: int = 0
     prefix_caching: bool = True
+    # Intra-op threads of the torch backend on a CPU (CPU_THREADS): 0 picks them while serving
+    # (all cores, or half when a busy neighbour makes that faster); N: always N.
+    cpu_threads: int = 0
 
     dtype: str = "bfloat16"
     batch_sizes: tuple[int, ...] = (1,)
@@ -272,6 +275,7 @@ class LlamaConfig(ServableConfig):
             "KV_BLOCK_SIZE": "kv_block_size",
             "KV_CACHE_TOKENS": "kv_cache_tokens",
             "PREFIX_CACHING": "prefix_caching",
+            "CPU_THREADS": "cpu_threads",
             "NUM_LAYERS": "num_layers",
             "NUM_HEADS": "num_heads",
             "NUM_KV_HEADS": "num_kv_heads",
@@ -335,6 +339,10 @@ class LlamaConfig(ServableConfig):
             raise InvalidArgumentError(
                 f"MAX_NUM_BATCHED_TOKENS must be 0 (no limit) or positive, got "
                 f"{self.max_num_batched_tokens}"
+            )
+        if self.cpu_threads < 0:
+            raise InvalidArgumentError(
+                f"CPU_THREADS must be 0 (chosen while serving) or positive, got {self.cpu_threads}"
             )
         if self.kv_block_size <= 0 or self.kv_cache_tokens < 0:
             raise InvalidArgumentError(

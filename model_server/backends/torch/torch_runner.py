@@ -24,12 +24,14 @@ import contextlib
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from model_server.backends.logits_runner import LogitsRunner, RunnerChecks, smallest_at_least
+from model_server.backends.torch.threads import ThreadTuner, thread_choices
 from model_server.backends.torch.weights import build_model, resolve_dtype
 from model_server.engine.kv_cache import blocks_for
 from model_server.engine.scheduler import BlockCopy, SchedulerOutput
@@ -65,7 +67,15 @@ class TorchRunner(RunnerChecks, LogitsRunner):
     """The engine's `Runner` over `LlamaForCausalLM` (sampling on the host). Calls are
     serialized by a lock."""
 
-    def __init__(self, config: LlamaConfig, model: LlamaForCausalLM, num_slots: int) -> None:
+    def __init__(
+        self,
+        config: LlamaConfig,
+        model: LlamaForCausalLM,
+        num_slots: int,
+        cpu_threads: int | None = None,
+    ) -> None:
+        """cpu_threads: the most intra-op threads a step may use on a CPU (default: torch's
+        count now); CPU_THREADS fixes the count instead."""
         super().__init__()
         self.config = config
         self._set_shapes(config, num_slots)
@@ -76,6 +86,13 @@ class TorchRunner(RunnerChecks, LogitsRunner):
         self._num_blocks = blocks_for(tokens, self._block_size)
         self._model: LlamaForCausalLM | None = model
         self._lock = threading.Lock()
+        self._tuner: ThreadTuner | None = None
+        if model.devices[0].type == "cpu":
+            if config.cpu_threads:
+                self._tuner = ThreadTuner((config.cpu_threads,))
+            else:
+                cores = cpu_threads or torch.get_num_threads()
+                self._tuner = ThreadTuner(thread_choices(cores))
         with torch.inference_mode():
             model.allocate_cache(self._num_blocks, self._block_size, self.max_seq_len)
 
@@ -211,13 +228,19 @@ class TorchRunner(RunnerChecks, LogitsRunner):
             return np.zeros((0, self.vocab_size), np.float32)
         with self._lock, torch.inference_mode():
             model = self._live()
+            if self._tuner is not None:
+                self._tuner.before_step()  # the engine thread runs every step
+            began = time.perf_counter()
             hidden = model.step(torch.tensor(tokens, dtype=torch.long), parts)  # [N, D]
             for c in copies:
                 model.copy_block(c.src, c.dst, c.length)
-            if not wanted:
-                return np.zeros((0, self.vocab_size), np.float32)
-            rows = torch.tensor(wanted, device=hidden.device)
-            return model.logits(hidden.index_select(0, rows)).cpu().numpy()
+            logits = np.zeros((0, self.vocab_size), np.float32)
+            if wanted:
+                rows = torch.tensor(wanted, device=hidden.device)
+                logits = model.logits(hidden.index_select(0, rows)).cpu().numpy()
+            if self._tuner is not None:
+                self._tuner.after_step(time.perf_counter() - began, len(tokens))
+            return logits
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         if not self._check_copy(src, dst, length):
@@ -277,9 +300,10 @@ def build_runner(
         raise InvalidArgumentError(f"num_slots must be positive, got {slots}")
     devices = resolve_devices(config, device)
     config = dataclasses.replace(config, dtype=resolve_dtype(config.dtype, devices[0]))
+    threads = torch.get_num_threads()
     with torch.no_grad(), _one_cpu_thread():
         model = build_model(config, tensors, devices)
-        runner = TorchRunner(config, model, slots)
+        runner = TorchRunner(config, model, slots, cpu_threads=threads)
     logger.info(
         "runner ready: %d layers on %s, %d slots x %d positions, batch sizes %s, buckets %s",
         config.num_layers,
