@@ -46,13 +46,8 @@ class TextTokenizer(Protocol):
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str: ...
 
 
-def _raise_failed(request: Request, output: RequestOutput) -> None:
-    """Raises the output's error; a caller that has cancelled gets CancelledError at once,
-    even for outputs the engine produced before it saw the cancel."""
-    if output.error is not None:
-        raise output.error
-    if request.cancelled():
-        raise CancelledError("the caller cancelled the request")
+def _cancelled() -> CancelledError:
+    return CancelledError("the caller cancelled the request")
 
 
 def _stopped_reading() -> CancelledError:
@@ -225,7 +220,15 @@ class EngineServable:
             while not finished:
                 output = outputs.get()
                 finished = output.finished
-                _raise_failed(request, output)
+                if output.error is not None:
+                    raise output.error
+                if request.cancelled():  # outputs made before the engine saw the cancel
+                    if not finished:
+                        self._engine.abort(request.request_id, _cancelled())
+                        while not outputs.get().finished:  # its blocks are free after this
+                            pass
+                        finished = True
+                    raise _cancelled()
                 yield output
         finally:
             if not finished:
@@ -272,7 +275,15 @@ class EngineServable:
             while not finished:
                 output = await outputs.get()
                 finished = output.finished
-                _raise_failed(request, output)
+                if output.error is not None:
+                    raise output.error
+                if request.cancelled():  # outputs made before the engine saw the cancel
+                    if not finished:
+                        self._engine.abort(request.request_id, _cancelled())
+                        while not (await outputs.get()).finished:
+                            pass
+                        finished = True
+                    raise _cancelled()
                 yield output
         finally:
             if not finished:
