@@ -9,7 +9,7 @@ transformers and llama.cpp on the same SmolLM2-135M GGUF file, on the same machi
    prompts of exactly 128 tokens asking for exactly 128 tokens (end-of-sequence ignored), the
    chat set (benchmarks/prompts/chat.jsonl, ends at end-of-sequence) and Poisson arrivals.
 3. The same requests to our engine in-process (no gRPC), with DTYPE=auto (bfloat16 on CPUs
-   with AVX-512 BF16 or AMX), to its weight-only int8 mode, to
+   with AVX-512 BF16 or AMX), to its weight-only int8 and int4 modes, to
    transformers `generate` over static batches of the same sizes, and to llama.cpp
    (llama-cpp-python: one Llama object, requests serialized, as its Python server does by
    default). A baseline whose package is missing is skipped, saying so.
@@ -60,7 +60,7 @@ logger = logging.getLogger("serve")
 
 MODEL = "llama.SmolLM2_135M"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-ALL_SYSTEMS = ("grpc", "inprocess", "auto", "int8", "hf", "llamacpp")
+ALL_SYSTEMS = ("grpc", "inprocess", "auto", "int8", "int4", "hf", "llamacpp")
 OURS = "ours (gRPC)"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sax-bench"
 
@@ -82,6 +82,7 @@ class Plan:
     poisson_requests: int = 32
     # Requests/s; 0: 70% of ours' measured request throughput at concurrency 16.
     poisson_rate: float = 0.0
+    # Concurrency levels of the DTYPE=auto, int8 and int4 systems.
     int8_concurrency: tuple[int, ...] = (1, 16)
 
     def requests_at(self, concurrency: int) -> int:
@@ -445,6 +446,7 @@ def run(args: argparse.Namespace) -> str:
             ),
         ),
         ("int8", lambda: bench.inprocess("int8", "ours int8 (in-process)", plan.int8_concurrency)),
+        ("int4", lambda: bench.inprocess("int4", "ours int4 (in-process)", plan.int8_concurrency)),
         ("bandwidth", bench.bandwidth),
         ("hf", bench.hf),
         ("llamacpp", bench.llamacpp),

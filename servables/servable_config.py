@@ -83,7 +83,7 @@ class ServableConfig:
     # (bfloat16 on TPUs, on GPUs that compute in it and on CPUs with AVX-512 BF16 or AMX;
     # float32 elsewhere).
     dtype: str = "float32"
-    # Weight quantization: "none" or "int8".
+    # Weight quantization: "none", "int8" or "int4" (weight-only; the torch backend).
     quantization: str = "none"
     # Whether lm.generate_stream is served (ENABLE_GENERATE_STREAM).
     enable_generate_stream: bool = True
@@ -162,8 +162,10 @@ class ServableConfig:
             raise InvalidArgumentError(
                 f"dtype must be float32, bfloat16, float16 or auto: {self.dtype}"
             )
-        if self.quantization not in ("none", "int8"):
-            raise InvalidArgumentError(f"quantization must be none or int8: {self.quantization}")
+        if self.quantization not in ("none", "int8", "int4"):
+            raise InvalidArgumentError(
+                f"quantization must be none, int8 or int4: {self.quantization}"
+            )
         if self.ram < 0:
             raise InvalidArgumentError(f"ram must be >= 0, got {self.ram}")
 

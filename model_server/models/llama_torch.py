@@ -17,7 +17,8 @@ reference for tests).
 Layer i runs on `layer_devices[i]` (pipeline placement over several devices), the embeddings on
 `devices[0]`, the final norm and the output projection on `devices[-1]`. A layer's projections
 run as their `nn.Linear`s, or through the served forms set on `Attention.qkv`/`.o` and
-`MLP.gate_up`/`.down` (any `Weight`: fused float matrices, int8).
+`MLP.gate_up`/`.down` (any `Weight`: fused float matrices, int8, int4); the output projection
+through `head` when it is served quantized.
 """
 
 from __future__ import annotations
@@ -342,6 +343,8 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config)
         self.lm_head = nn.Linear(config.model_dim, config.vocab_size, bias=False)
+        # Set by the loader when the output projection is served quantized (int8, int4).
+        self.head: Weight | None = None
         # Where the model runs: embeddings on the first device, final norm and output projection
         # on the last; layer i on layer_devices[i].
         self.devices: list[torch.device] = [torch.device("meta")]
@@ -390,6 +393,8 @@ class LlamaForCausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states [..., D] (after the norm) -> float32 logits [..., V]."""
+        if self.head is not None:
+            return _linear(hidden, self.head).float()
         return self.lm_head(hidden).float()
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

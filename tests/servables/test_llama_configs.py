@@ -182,7 +182,9 @@ def test_memory_estimate() -> None:
     assert apply_overrides(smol, {"RAM": "12345"}).memory_bytes() == 12345
     int8 = apply_overrides(c7, {"QUANTIZATION": '"int8"'})
     assert 0.5 < int8.weight_bytes() / c7.weight_bytes() < 0.55
-    for config in (c7, smol, int8):  # one source of truth for the admin and the CLI
+    int4 = apply_overrides(c7, {"QUANTIZATION": '"int4"'})  # 0.5 byte + 4 bytes per 32 values
+    assert 0.3 < int4.weight_bytes() / c7.weight_bytes() < 0.35
+    for config in (c7, smol, int8, int4):  # one source of truth for the admin and the CLI
         assert config.memory_bytes() == memory.estimate_llama(config).total_bytes
 
 

@@ -17,7 +17,7 @@ LLAMA_NAMES = [n for n in registry.names() if n.startswith("llama.")]
 
 @pytest.mark.parametrize("name", LLAMA_NAMES)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-@pytest.mark.parametrize("quantization", ["none", "int8"])
+@pytest.mark.parametrize("quantization", ["none", "int8", "int4"])
 def test_estimate_matches_the_config_methods(name: str, dtype: str, quantization: str) -> None:
     config = dataclasses.replace(registry.get(name), dtype=dtype, quantization=quantization)
     e = estimate_llama(config)
@@ -50,6 +50,46 @@ def test_int8_quantizes_only_decoder_layer_matrices() -> None:
     assert tensor_bytes("model.layers.0.mlp.up_proj.weight", (8, 4), "bfloat16", "int8") == 32 + 16
     assert tensor_bytes("model.embed_tokens.weight", (8, 4), "bfloat16", "int8") == 64
     assert tensor_bytes("model.layers.0.input_layernorm.weight", (4,), "float32", "int8") == 16
+
+
+def test_int4_takes_half_a_byte_a_value_and_four_bytes_a_group() -> None:
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert tensor_bytes(name, (8, 64), "float32", "int4") == 8 * 64 // 2 + 8 * 2 * 4
+    assert tensor_bytes(name, (8, 64), "float32", "int4", group_size=64) == 256 + 8 * 4
+    assert tensor_bytes("model.embed_tokens.weight", (8, 64), "bfloat16", "int4") == 1024
+
+
+def test_the_lm_head_takes_its_own_quantization() -> None:
+    head = ("lm_head.weight", (8, 64), "bfloat16")
+    assert tensor_bytes(*head, "int8") == 8 * 64 + 8 * 2
+    assert tensor_bytes(*head, "int4", head_quantization="none") == 8 * 64 * 2
+    assert tensor_bytes(*head, "none", head_quantization="int4") == 8 * 32 + 8 * 2 * 4
+    smol = registry.get("llama.SmolLM2_135M")  # tied: a quantized copy beside the float table
+    v, d = 49152, 576
+    off = dataclasses.replace(smol, lm_head_quantization="none")
+    for head, head_bytes in (("int8", v * d + v * 4), ("int4", v * d // 2 + v * 18 * 4)):
+        on = dataclasses.replace(smol, lm_head_quantization=head)
+        for quantization in ("int8", "int4"):
+            assert (
+                estimate_llama(on, quantization=quantization).weight_bytes
+                - estimate_llama(off, quantization=quantization).weight_bytes
+                == head_bytes
+            )
+        assert estimate_llama(on) == estimate_llama(off)  # QUANTIZATION none: a float head
+    c7 = registry.get("llama.LLaMA7BFP16")  # untied: the quantized head replaces the float one
+    on = estimate_llama(c7, quantization="int4")
+    off = estimate_llama(dataclasses.replace(c7, lm_head_quantization="none"), quantization="int4")
+    assert off.weight_bytes - on.weight_bytes == 32000 * 4096 * 2 - (32000 * 4096 + 32000 * 2)
+
+
+def test_int4_smollm2_weights() -> None:
+    smol = registry.get("llama.SmolLM2_135M")
+    fp32, int8, int4 = (
+        estimate_llama(smol, quantization=q).weight_bytes for q in ("none", "int8", "int4")
+    )
+    # The float32 embedding table (113 MB) stays; the layers take 0.625 byte a value at group
+    # size 32, the head (int8) 1: 538 MB, 249 MB and 208 MB.
+    assert int4 < int8 < fp32 and int4 < 0.4 * fp32
 
 
 def test_shape_from_hf_config_and_checkpoint_shapes() -> None:

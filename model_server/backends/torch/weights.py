@@ -4,8 +4,9 @@ The module is built on the "meta" device and each weight is placed on its device
 in (`load_weights`), so the host never holds a second full copy of the model. With several
 devices (a multi-GPU mesh) the layers are split into contiguous groups, one per device
 (pipeline placement, `place`); the embeddings live on the first, the final norm and the output
-projection on the last. After loading, the projections are fused and, with QUANTIZATION=int8,
-quantized (`quantize`).
+projection on the last. With QUANTIZATION=int8 or int4 the layers' linear weights (and the
+output projection, as LM_HEAD_QUANTIZATION says) are quantized as they stream in; after loading,
+the projections are fused and the quantized forms set (`quantize`).
 """
 
 from __future__ import annotations
@@ -49,10 +50,20 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
 
 
 def _check_config(config: LlamaConfig) -> None:
-    if config.quantization not in ("none", "int8"):
+    if config.quantization not in ("none", "int8", "int4"):
         raise FailedPreconditionError(
-            f"the torch engine serves QUANTIZATION none or int8, not {config.quantization!r}"
+            f"the torch engine serves QUANTIZATION none, int8 or int4, not {config.quantization!r}"
         )
+
+
+def quantization_scheme(config: LlamaConfig) -> quantize.Scheme | None:
+    """What QUANTIZATION, LM_HEAD_QUANTIZATION and QUANTIZATION_GROUP_SIZE ask for; None for
+    float weights."""
+    if config.quantization == "none":
+        return None
+    return quantize.Scheme(
+        config.quantization, config.head_quantization, config.quantization_group_size
+    )
 
 
 def build_model(
@@ -61,7 +72,7 @@ def build_model(
     devices: Sequence[torch.device | str] = ("cpu",),
 ) -> LlamaForCausalLM:
     """The model with the checkpoint's weights, in `config.dtype`, placed on `devices` (layers
-    split between them) and fused (int8 with QUANTIZATION=int8); no KV cache yet
+    split between them) and fused (quantized with QUANTIZATION=int8 or int4); no KV cache yet
     (`allocate_cache`).
 
     tensors: (canonical name, tensor) pairs, e.g. `Checkpoint.iter_tensors()` or a HF state
@@ -71,8 +82,8 @@ def build_model(
     with torch.device("meta"):
         model = LlamaForCausalLM(config.architecture())
     place(model, [torch.device(d) for d in devices])
-    quantized: dict[str, quantize.Int8Weight] | None = {} if config.quantization == "int8" else None
-    load_weights(model, tensors, TORCH_DTYPES[config.dtype], quantized)
+    scheme = quantization_scheme(config)
+    quantized = load_weights(model, tensors, TORCH_DTYPES[config.dtype], scheme)
     quantize.fuse(model, quantized)
     model.eval()
     return model
@@ -106,11 +117,14 @@ def load_weights(
     model: LlamaForCausalLM,
     tensors: Iterable[tuple[str, torch.Tensor]],
     dtype: torch.dtype,
-    quantized: dict[str, quantize.Int8Weight] | None = None,
-) -> None:
+    scheme: quantize.Scheme | None = None,
+) -> dict[str, quantize.QuantizedWeight]:
     """Places each tensor on its device in dtype as it arrives, replacing the meta parameters.
-    With `quantized` (a dict to fill), the layers' linear weights are quantized to int8 as they
-    arrive and kept there instead (their parameters become None)."""
+    With a quantization `scheme`, the weights it covers are quantized as they arrive and
+    returned (canonical name -> quantized weight) instead: their parameters become None, the
+    output projection's weight a storage-less stand-in (`_stand_in_for_head`). A tied output
+    projection it covers is quantized from the embeddings, which stay for the lookup."""
+    quantized: dict[str, quantize.QuantizedWeight] = {}
     tied = model.config.tie_embeddings
     params = dict(model.named_parameters())
     if tied:
@@ -134,8 +148,8 @@ def load_weights(
         module = model.get_submodule(module_name)
         device = param_device(model, name)
         loaded.add(name)
-        if quantized is not None and quantize.is_layer_linear(name, tensor):
-            quantized[name] = quantize.to_int8(tensor, device, dtype)
+        if scheme is not None and (kind := scheme.kind(name, tensor)) != "none":
+            quantized[name] = scheme.quantize(kind, tensor, device, dtype)
             module._parameters[leaf] = None
             continue
         value = tensor.detach().to(device=device, dtype=dtype)
@@ -143,11 +157,27 @@ def load_weights(
     missing = sorted(set(params) - loaded)
     if missing:
         raise _lacks(missing)
-    if tied:
+    head_device = param_device(model, quantize.HEAD)
+    if tied and scheme is not None and scheme.head != "none":
         embed = model.model.embed_tokens.weight
-        head_device = param_device(model, "lm_head.weight")
+        quantized[quantize.HEAD] = scheme.quantize(scheme.head, embed, head_device, dtype)
+    elif tied:
+        embed = model.model.embed_tokens.weight
         weight = embed
         if embed.device != head_device:
             weight = nn.Parameter(embed.detach().to(head_device), requires_grad=False)
         model.lm_head.weight = weight
+    if quantize.HEAD in quantized:
+        _stand_in_for_head(model, dtype)
     logger.debug("loaded %d tensors onto %s", len(loaded), sorted({str(d) for d in model.devices}))
+    return quantized
+
+
+def _stand_in_for_head(model: LlamaForCausalLM, dtype: torch.dtype) -> None:
+    """Replaces the output projection's float weight, served from its quantized copy
+    (`LlamaForCausalLM.head`), by a "meta" tensor of its shape and dtype: no storage, not a
+    parameter, still the model's dtype (the KV cache's), and an error if it is multiplied."""
+    lm_head = model.lm_head
+    lm_head._parameters.pop("weight", None)
+    shape = (lm_head.out_features, lm_head.in_features)
+    lm_head.weight = torch.empty(shape, dtype=dtype, device="meta")

@@ -13,6 +13,7 @@ import torch
 from model_server.backends.torch.quantize import Int8Weight
 from model_server.backends.torch.weights import build_model
 from servables.configs.llama import LlamaConfig
+from tests.model_server.backends.torch.test_quantize import served_bytes
 
 TINY = LlamaConfig(
     num_layers=2,
@@ -78,21 +79,6 @@ def test_int8_linear_matches_the_dequantized_product(rows: int) -> None:
     ref = x @ q.dequantize(torch.float32).T
     # bfloat16 activations in the kernel: relative error around 1e-2.
     assert (out - ref).abs().max() <= 2e-2 * ref.abs().max()
-
-
-def served_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every weight the model holds: float parameters and int8 weights."""
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel() * p.element_size()
-    for module in model.modules():
-        for value in vars(module).values():
-            if isinstance(value, Int8Weight):
-                total += value.nbytes()
-    return total
 
 
 @pytest.mark.parametrize("tied", [True, False])

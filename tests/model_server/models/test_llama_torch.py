@@ -190,9 +190,9 @@ def test_bad_checkpoints_are_refused_with_the_tensor_name() -> None:
     small = dataclasses.replace(TINY, hidden_dim=32)
     with pytest.raises(FailedPreconditionError, match=r"gate_proj.weight.*shape \[96, 64\]"):
         build_model(small, state.items())
-    int4 = dataclasses.replace(TINY, quantization="int4")
+    fp8 = dataclasses.replace(TINY, quantization="fp8")
     with pytest.raises(FailedPreconditionError, match="QUANTIZATION"):
-        build_model(int4, state.items())
+        build_model(fp8, state.items())
 
 
 def test_rotary_inv_freq_buffers_are_ignored() -> None:
