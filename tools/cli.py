@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 # Rows of the estimate: (label, compute dtype, quantization).
 ESTIMATE_ROWS = (("float32", "float32", "none"), ("bfloat16", "bfloat16", "none"))
-ESTIMATE_ROWS += (("int8", "bfloat16", "int8"),)
+ESTIMATE_ROWS += (("int8", "bfloat16", "int8"), ("int4", "bfloat16", "int4"))
 DEFAULT_DEVICE_MEMORY = "16GiB"
 
 

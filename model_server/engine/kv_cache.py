@@ -30,11 +30,14 @@ from sax.errors import InternalError
 BlockHash = bytes
 
 
-def block_hashes(tokens: Sequence[int], block_size: int) -> list[BlockHash]:
-    """The chained hash of every full block of `tokens`, in order."""
-    hashes: list[BlockHash] = []
-    parent = b""
-    for start in range(0, len(tokens) - block_size + 1, block_size):
+def block_hashes(
+    tokens: Sequence[int], block_size: int, known: Sequence[BlockHash] = ()
+) -> list[BlockHash]:
+    """The chained hash of every full block of `tokens`, in order; `known`: the hashes of its
+    leading blocks computed before (kept, not computed again)."""
+    hashes = list(known)
+    parent = hashes[-1] if hashes else b""
+    for start in range(len(hashes) * block_size, len(tokens) - block_size + 1, block_size):
         chunk = array.array("q", tokens[start : start + block_size]).tobytes()
         parent = hashlib.blake2b(parent + chunk, digest_size=16).digest()
         hashes.append(parent)
@@ -93,12 +96,12 @@ class BlockPool:
         """Holders of a block."""
         return self._refs[block]
 
-    def lookup(self, tokens: Sequence[int], limit: int | None = None) -> list[int]:
-        """The cached blocks that hold the longest run of full blocks `tokens` starts with, at
-        most `limit` of them; takes no reference (`hold` does)."""
+    def lookup(self, hashes: Sequence[BlockHash], limit: int | None = None) -> list[int]:
+        """The cached blocks of the longest run of a sequence's leading full blocks (`hashes`,
+        from `block_hashes`), at most `limit` of them; takes no reference (`hold` does)."""
         found: list[int] = []
         if self.prefix_caching:
-            for h in block_hashes(tokens, self.block_size)[:limit]:
+            for h in hashes[:limit]:
                 block = self._by_hash.get(h)
                 if block is None:
                     break
@@ -157,12 +160,13 @@ class BlockPool:
                 else:
                     heapq.heappush(self._fresh, b)
 
-    def register(self, table: Sequence[int], tokens: Sequence[int]) -> None:
-        """Records the full blocks of a sequence whose K/V for `tokens` (positions 0..) are
-        written, so that later prompts starting with the same tokens reuse them."""
+    def register(self, table: Sequence[int], hashes: Sequence[BlockHash]) -> None:
+        """Records the leading full blocks of a sequence whose K/V are written (`hashes`, from
+        `block_hashes`, one per full block), so that later prompts starting with the same
+        tokens reuse them."""
         if not self.prefix_caching:
             return
-        for block, h in zip(table, block_hashes(tokens, self.block_size), strict=False):
+        for block, h in zip(table, hashes, strict=False):
             if h in self._by_hash or block in self._hash_of:
                 continue  # the same tokens are cached in another block already
             self._by_hash[h] = block

@@ -36,7 +36,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from model_server.engine.kv_cache import BlockPool, blocks_for
+from model_server.engine.kv_cache import BlockHash, BlockPool, block_hashes, blocks_for
 from model_server.engine.request import FinishReason, Request, RequestKind, SampleOptions
 from sax.errors import (
     CancelledError,
@@ -90,7 +90,8 @@ class PrefillWork:
     forks: tuple[tuple[int, ...], ...] = ()
     # The sample whose sequence this is (a resume); 0 for a new prompt.
     sample: int = 0
-    # Positions per block (to place the copies).
+    # Positions per block (to place the copies); by default one block holds the sequence (a
+    # backend with one slot per sequence).
     block_size: int = 1 << 30
 
     @property
@@ -228,6 +229,8 @@ class _Sample:
     live: bool = True
     # Every generated token (a resume refills all but the last).
     history: list[int] = field(default_factory=list)
+    # Block hashes of the sequence's leading full blocks, as far as computed (prefix cache).
+    hashes: list[BlockHash] = field(default_factory=list)
 
     def ready(self) -> bool:
         """Whether the sample decodes this step."""
@@ -452,7 +455,7 @@ class Scheduler:
                 continue
             sample = run.samples[w.sample]
             sample.filled = w.end
-            self._pool.register(w.blocks, w.tokens[: w.end])
+            self._pool.register(w.blocks, sample.hashes[: w.end // self._pool.block_size])
             if not w.resume:
                 run.prefilled = w.end
                 if w.final:
@@ -568,16 +571,25 @@ class Scheduler:
         self._waiting[request_id] = run.request
         self._waiting.move_to_end(request_id, last=False)
 
-    def _hits(self, tokens: tuple[int, ...]) -> list[int]:
-        """Cached blocks a sequence can start from (leaving at least its last token to run)."""
-        return self._pool.lookup(tokens, (len(tokens) - 1) // self._pool.block_size)
+    def _hashes(self, tokens: tuple[int, ...], known: list[BlockHash]) -> list[BlockHash]:
+        """A sequence's block hashes, extending those computed before (none without prefix
+        caching)."""
+        if not self._pool.prefix_caching:
+            return []
+        return block_hashes(tokens, self._pool.block_size, known)
+
+    def _hits(self, hashes: list[BlockHash], length: int) -> list[int]:
+        """Cached blocks a sequence of `length` tokens can start from (leaving at least its
+        last token to run)."""
+        return self._pool.lookup(hashes, (length - 1) // self._pool.block_size)
 
     def _start(self, request: Request) -> _Running | None:
         """Blocks for a new GENERATE request: sample 0's prompt (after its cached prefix), and
         for each other sample the shared full blocks plus its own partial last block. None when
         too few blocks are free."""
         pool, prompt = self._pool, request.prompt
-        hits = self._hits(prompt)
+        hashes = self._hashes(prompt, [])
+        hits = self._hits(hashes, len(prompt))
         total = blocks_for(len(prompt), pool.block_size)
         partial = len(prompt) % pool.block_size != 0
         needed = total - len(hits) + (len(request.samples) - 1) * partial
@@ -587,11 +599,12 @@ class Scheduler:
         pool.hold(hits)
         table = hits + pool.allocate(total - len(hits))
         shared = table[:-1] if partial else table
-        samples = [_Sample(table, len(prompt), filled=len(hits) * pool.block_size)]
+        filled = len(hits) * pool.block_size
+        samples = [_Sample(table, len(prompt), filled=filled, hashes=hashes)]
         for _ in request.samples[1:]:
             pool.hold(shared)
             own = shared + (pool.allocate(1) if partial else [])
-            samples.append(_Sample(own, len(prompt)))
+            samples.append(_Sample(own, len(prompt), hashes=list(hashes)))
         return _Running(request, samples, prefilled=samples[0].filled)
 
     def _resume(self, run: _Running) -> bool:
@@ -599,7 +612,9 @@ class Scheduler:
         when too few blocks are free."""
         pool = self._pool
         live = [s for s in run.samples if s.live]
-        hits = [self._hits(run.sequence(s)) for s in live]
+        for s in live:
+            s.hashes = self._hashes(run.sequence(s), s.hashes)
+        hits = [self._hits(s.hashes, s.position) for s in live]
         needed = sum(blocks_for(s.position, pool.block_size) for s in live)
         needed -= sum(len(h) for h in hits)
         if needed > pool.free_after_hold(b for h in hits for b in h):

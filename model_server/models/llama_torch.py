@@ -236,8 +236,7 @@ class Attention(nn.Module):
                 )
                 outs.append(out.transpose(1, 2).reshape(1, n, -1))
             else:
-                blocks = t.get(f"blocks{i}", t["positions"])  # unused when in place
-                outs.append(self._attend_rows(qs, part, blocks, t[f"mask{i}"]))
+                outs.append(self._attend_rows(qs, part, t.get(f"blocks{i}"), t[f"mask{i}"]))
             offset += n
         return self._o(outs[0] if len(outs) == 1 else torch.cat(outs, dim=1))
 
@@ -270,14 +269,19 @@ class Attention(nn.Module):
         return out[0], out[1]
 
     def _attend_rows(
-        self, q: torch.Tensor, part: DecodeRows, blocks: torch.Tensor, mask: torch.Tensor
+        self,
+        q: torch.Tensor,
+        part: DecodeRows,
+        blocks: torch.Tensor | None,
+        mask: torch.Tensor,
     ) -> torch.Tensor:
         """Decode rows: q [1, H, B, hd], row b attending to the positions of its sequence
-        (blocks: the rows' tables, padded, [B * per_row]) that `mask` [B, 1, 1, A] marks.
-        Returns [1, B, H * hd]."""
+        (blocks: the rows' tables, padded, [B * per_row]; None: attended in place) that `mask`
+        [B, 1, 1, A] marks. Returns [1, B, H * hd]."""
         span = mask.shape[-1]
         b = q.shape[2]
-        if part.first is not None:
+        if blocks is None:
+            assert part.first is not None
             keys, values = self._in_place(b, span, part.first, part.stride)
         else:
             keys, values = self._gather(blocks, b, span)  # [B, KV, A, hd]

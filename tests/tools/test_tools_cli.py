@@ -133,7 +133,7 @@ def test_estimate_a_checkpoint(
     report = json.loads(out)
     assert report["device_memory"] == 200_000
     rows = {r["dtype"]: r for r in report["rows"]}
-    assert list(rows) == ["float32", "bfloat16", "int8"]
+    assert list(rows) == ["float32", "bfloat16", "int8", "int4"]
     shape = LlamaArchitecture.from_hf_config(ARCH)
     expected = estimate_memory(shape, dtype="float32", batch_size=1, seq_len=128)
     f32 = rows["float32"]
@@ -148,7 +148,8 @@ def test_estimate_a_checkpoint(
     assert f32["total_bytes"] == expected.total_bytes
     assert rows["bfloat16"]["weight_bytes"] * 2 == f32["weight_bytes"]
     assert rows["int8"]["weight_bytes"] < rows["bfloat16"]["weight_bytes"]
-    assert [r["fits"] for r in rows.values()] == [False, True, True]
+    assert rows["int4"]["weight_bytes"] < rows["int8"]["weight_bytes"]
+    assert [r["fits"] for r in rows.values()] == [False, True, True, True]
 
     code, out, _ = run(capsys, "estimate", "--batch-size", "4", "--seq-len", "10", ckpt)
     assert code == 0

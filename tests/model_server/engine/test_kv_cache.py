@@ -9,6 +9,10 @@ from model_server.engine.kv_cache import BlockPool, block_hashes, blocks_for
 from sax.errors import InternalError
 
 
+def hashes(pool: BlockPool, tokens: list[int]) -> list[bytes]:
+    return block_hashes(tokens, pool.block_size)
+
+
 def test_blocks_for_and_chained_hashes() -> None:
     assert [blocks_for(n, 4) for n in (1, 4, 5, 8, 9)] == [1, 1, 2, 2, 3]
     a = block_hashes([1, 2, 3, 4, 5, 6, 7, 8, 9], 4)
@@ -41,16 +45,18 @@ def test_prefix_lookup_finds_registered_full_blocks_only() -> None:
     pool = BlockPool(8, 4)
     tokens = list(range(10))  # two full blocks and a partial one
     table = pool.allocate(3)
-    assert pool.lookup(tokens) == []
-    pool.register(table, tokens)
+    assert pool.lookup(hashes(pool, tokens)) == []
+    pool.register(table, hashes(pool, tokens))
     assert pool.num_cached == 2
-    assert pool.lookup(tokens) == table[:2]
-    assert pool.lookup(tokens, limit=1) == table[:1]
-    assert pool.lookup([*tokens[:4], 99, 5, 6, 7]) == table[:1]  # diverges in the second block
-    assert pool.lookup([5, *tokens[1:]]) == []
+    assert pool.lookup(hashes(pool, tokens)) == table[:2]
+    assert pool.lookup(hashes(pool, tokens), limit=1) == table[:1]
+    assert (
+        pool.lookup(hashes(pool, [*tokens[:4], 99, 5, 6, 7])) == table[:1]
+    )  # diverges in the second block
+    assert pool.lookup(hashes(pool, [5, *tokens[1:]])) == []
     # Cached blocks whose holder lets go stay cached, and count as free.
     pool.release(table)
-    assert pool.num_free == 8 and pool.lookup(tokens) == table[:2]
+    assert pool.num_free == 8 and pool.lookup(hashes(pool, tokens)) == table[:2]
     pool.record_query(10, 2)
     assert (pool.stats().queried_tokens, pool.stats().hit_tokens) == (10, 8)
 
@@ -58,15 +64,15 @@ def test_prefix_lookup_finds_registered_full_blocks_only() -> None:
 def test_uncached_blocks_go_first_then_least_recently_used_cached() -> None:
     pool = BlockPool(4, 2)
     a, b = pool.allocate(1), pool.allocate(1)
-    pool.register(a, [1, 2])
-    pool.register(b, [3, 4])
+    pool.register(a, hashes(pool, [1, 2]))
+    pool.register(b, hashes(pool, [3, 4]))
     pool.release(a)  # released first: least recently used
     pool.release(b)
     # The two never-cached blocks come out before either cached one.
     fresh = pool.allocate(2)
     assert set(fresh).isdisjoint(a + b) and pool.stats().evictions == 0
     assert pool.allocate(1) == a and pool.stats().evictions == 1
-    assert pool.lookup([1, 2]) == [] and pool.lookup([3, 4]) == b
+    assert pool.lookup(hashes(pool, [1, 2])) == [] and pool.lookup(hashes(pool, [3, 4])) == b
     # A cached block held again is not on the free list, so it is not evicted.
     pool.hold(b)
     assert pool.free_after_hold(b) == pool.num_free == 0
@@ -77,7 +83,7 @@ def test_uncached_blocks_go_first_then_least_recently_used_cached() -> None:
 def test_free_after_hold_counts_only_blocks_nobody_holds() -> None:
     pool = BlockPool(4, 2)
     table = pool.allocate(2)
-    pool.register(table, [1, 2, 3, 4])
+    pool.register(table, hashes(pool, [1, 2, 3, 4]))
     pool.release(table[1:])
     assert pool.num_free == 3
     assert pool.free_after_hold(table) == 2  # table[0] is held already, table[1] is not
@@ -86,5 +92,5 @@ def test_free_after_hold_counts_only_blocks_nobody_holds() -> None:
 def test_no_prefix_caching_registers_nothing() -> None:
     pool = BlockPool(4, 2, prefix_caching=False)
     table = pool.allocate(2)
-    pool.register(table, [1, 2, 3, 4])
-    assert pool.num_cached == 0 and pool.lookup([1, 2, 3, 4]) == []
+    pool.register(table, hashes(pool, [1, 2, 3, 4]))
+    assert pool.num_cached == 0 and pool.lookup(hashes(pool, [1, 2, 3, 4])) == []
