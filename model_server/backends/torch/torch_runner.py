@@ -138,8 +138,7 @@ class TorchRunner(RunnerChecks, LogitsRunner):
     def prefill_logits(
         self, slot: int, tokens: Sequence[int], *, all_logits: bool = True, start: int = 0
     ) -> np.ndarray:
-        self._check_prefill(slot, tokens, start)
-        return self.prefill_blocks(
+        return self.prefill_blocks(  # checks the tokens; the slot's table checks the slot
             self._slot_table(slot), tokens, all_logits=all_logits, start=start
         )
 
