@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import threading
@@ -25,7 +26,7 @@ from typing import Any, TypeVar
 
 import sax
 from sax.errors import InternalError, ResourceExhaustedError
-from sax.lm import StreamItem
+from sax.lm import Generation, StreamUpdate
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +48,22 @@ class Call:
 
 @dataclass(frozen=True)
 class StreamEvent:
-    """An update of stream `index`: its first sample's whole text so far, or its end."""
+    """An update of stream `index`: its first sample's whole text so far, or its end, with
+    the model server's counts (0 / "": not given)."""
 
     index: int
     text: str
     done: bool = False
+    # Tokens the first sample has generated so far.
+    num_tokens: int = 0
+    # Why the first sample ended ("eos", "stop", "length"), once it has.
+    finish_reason: str = ""
+    # Tokens of the prompt.
+    prompt_tokens: int = 0
+
+
+# What a stream thread hands the reader: an event, or the error that ended the stream.
+_Item = tuple[StreamEvent, BaseException | None]
 
 
 class Reservation:
@@ -131,13 +143,12 @@ class CallRunner:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._admin, functools.partial(fn, *args, **kwargs))
 
-    async def generate(
-        self, model_id: str, call: Call, reservation: Reservation
-    ) -> list[tuple[str, float]]:
-        """Generate on the cell: [(text, score), ...], on a slot of `reservation`."""
+    async def generate(self, model_id: str, call: Call, reservation: Reservation) -> Generation:
+        """Generate on the cell (with the server's token counts), on a slot of
+        `reservation`."""
         lm = sax.Model(model_id).LM()
         release = reservation.claim()
-        future = self._calls.submit(lm.Generate, call.prompt, call.options)
+        future = self._calls.submit(lm.GenerateCounted, call.prompt, call.options)
         future.add_done_callback(release)
         return await asyncio.wrap_future(future)
 
@@ -178,61 +189,70 @@ class Streams:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, n: int) -> None:
         self._loop = loop
-        self._queue: asyncio.Queue[tuple[int, str, bool, BaseException | None]] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._stop = threading.Event()
         self._n = n
-        self._buffered: list[tuple[int, str, bool, BaseException | None]] = []
+        self._buffered: list[_Item] = []
         self._open = n
 
-    def _put(self, event: tuple[int, str, bool, BaseException | None]) -> None:
+    def _put(self, item: _Item) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody listens
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
     def _run(self, lm: sax.LanguageModel, index: int, call: Call) -> None:
         texts: list[str] = []
+        now = StreamEvent(index, "")
 
-        def callback(last: bool, items: list[StreamItem]) -> None:
+        def callback(last: bool, updates: list[StreamUpdate], prompt_tokens: int) -> None:
+            nonlocal now
             if self._stop.is_set():
                 raise _StoppedError
             if last:
                 return
-            sax.lm.merge_stream_items(texts, items)
-            self._put((index, texts[0] if texts else "", False, None))
+            sax.lm.merge_stream_items(texts, updates)
+            first = updates[0] if updates else None
+            now = StreamEvent(
+                index,
+                texts[0] if texts else "",
+                num_tokens=first.num_tokens if first else now.num_tokens,
+                finish_reason=(first.finish_reason if first else "") or now.finish_reason,
+                prompt_tokens=prompt_tokens,
+            )
+            self._put((now, None))
 
         try:
-            lm.GenerateStream(call.prompt, callback, call.options)
+            lm.GenerateStreamCounted(call.prompt, callback, call.options)
         except _StoppedError:
             logger.debug("stream %d of %s stopped by the gateway", index, lm.model_id)
             return
         except Exception as e:  # noqa: BLE001 - handed to the reader, who raises it
-            self._put((index, "", True, e))
+            self._put((StreamEvent(index, "", done=True), e))
             return
-        self._put((index, texts[0] if texts else "", True, None))
+        self._put((dataclasses.replace(now, done=True), None))
 
     async def _wait_first(self) -> None:
         seen: set[int] = set()
         while len(seen) < self._n:
-            event = await self._queue.get()
-            if event[3] is not None:
-                raise event[3]
-            seen.add(event[0])
-            self._buffered.append(event)
+            item = await self._queue.get()
+            if item[1] is not None:
+                raise item[1]
+            seen.add(item[0].index)
+            self._buffered.append(item)
 
     async def __aiter__(self) -> AsyncIterator[StreamEvent]:
         buffered, self._buffered = self._buffered, []
-        for event in buffered:
-            yield self._event(event)
+        for item in buffered:
+            yield self._event(item)
         while self._open > 0:
-            event = await self._queue.get()
-            if event[3] is not None:
-                raise event[3]
-            yield self._event(event)
+            item = await self._queue.get()
+            if item[1] is not None:
+                raise item[1]
+            yield self._event(item)
 
-    def _event(self, event: tuple[int, str, bool, BaseException | None]) -> StreamEvent:
-        index, text, done, _ = event
-        if done:
+    def _event(self, item: _Item) -> StreamEvent:
+        if item[0].done:
             self._open -= 1
-        return StreamEvent(index=index, text=text, done=done)
+        return item[0]
 
     def close(self) -> None:
         """Stops every stream still running (idempotent)."""

@@ -10,11 +10,14 @@ of several) -> the same names. A field the model's config does not declare is a 
 gives its best-scored one, or its first when streaming.
 
 Chat prompts are the model's chat template rendered over the messages (`servables.chat_template`).
-Token counts in `usage` come from re-tokenizing the prompt and the text with the checkpoint's
-tokenizer, so they are approximate (a few tokens off where the text re-tokenizes differently);
-`usage` is left out for a model without a tokenizer. `finish_reason` is "length" when the text
-has at least as many tokens as the limit (the request's, else the model's default), "stop"
-otherwise: also an approximation, and always "stop" without a tokenizer.
+`top_k` (0: off), `repetition_penalty` (1: off) and `ignore_eos` (vLLM's extension: keep going
+past end-of-sequence) map to the extra inputs of the same names.
+
+Token counts in `usage` and `finish_reason` are the model server's: the tokens the engine
+generated (an end-of-sequence token that ended a sample included, as vLLM counts) and the
+prompt's tokens as the model saw them; "length" when a sample used its decode steps, "stop" at
+end-of-sequence or a stop string. A model server that does not count leaves the gateway to
+estimate them by re-tokenizing with the checkpoint's tokenizer (no `usage` without one).
 
 `stream: true` answers server-sent events, `data: {chunk}\\n\\n` in OpenAI's chunk format, ending
 with `data: [DONE]`; with `stream_options.include_usage` a last chunk carries `usage`. An error
@@ -43,6 +46,7 @@ from gateway.catalog import MAX_DECODE_STEPS, ModelInfo
 from gateway.http_errors import http_status, openai_error_body
 from gateway.openai_schemas import ChatRequest, CompletionRequest, SamplingRequest
 from sax.errors import InvalidArgumentError, SaxError
+from servables.configs.llama import IGNORE_EOS
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +97,15 @@ def _options(
     if req.top_p is not None:
         check("top_p", "top_p")
         options.SetExtraInput("top_p", req.top_p)
+    if req.top_k is not None and req.top_k > 0:
+        check("top_k", "top_k")
+        options.SetExtraInput("top_k", req.top_k)
+    if req.repetition_penalty is not None and req.repetition_penalty != 1.0:
+        check("repetition_penalty", "repetition_penalty")
+        options.SetExtraInput("repetition_penalty", req.repetition_penalty)
+    if req.ignore_eos:
+        check(IGNORE_EOS, "ignore_eos")
+        options.SetExtraInput(IGNORE_EOS, 1)
     if req.seed is not None:
         check("seed", "seed")
         options.SetExtraInput("seed", req.seed + i)
@@ -138,15 +151,36 @@ def _prepare(
     return _Job(model_id, info, calls, choice_prompts, list(prompts), limit)
 
 
-def _finish(job: _Job, text: str) -> tuple[str, int | None]:
-    tokens = job.info.count_tokens(text)
+@dataclass(frozen=True)
+class _Answer:
+    """One call's text, with the model server's counts (0 / "": not given)."""
+
+    text: str
+    num_tokens: int = 0
+    finish_reason: str = ""
+    prompt_tokens: int = 0
+
+
+def _finish(job: _Job, answer: _Answer) -> tuple[str, int | None]:
+    """The OpenAI finish_reason and the completion's tokens: the model server's, or, from a
+    server that does not count, estimated by re-tokenizing the text."""
+    if answer.finish_reason:
+        reason = "length" if answer.finish_reason == "length" else "stop"
+        return reason, answer.num_tokens
+    tokens = job.info.count_tokens(answer.text)
     cap = job.limit or job.info.default_max_tokens()
     reason = "length" if tokens is not None and cap is not None and tokens >= cap else "stop"
     return reason, tokens
 
 
-def _usage(job: _Job, completion_tokens: Sequence[int | None]) -> dict[str, int] | None:
-    prompt_tokens = [job.info.count_tokens(p) for p in job.distinct_prompts]
+def _usage(
+    job: _Job, completion_tokens: Sequence[int | None], answers: Sequence[_Answer]
+) -> dict[str, int] | None:
+    counted = {}
+    for prompt, answer in zip(job.prompts, answers, strict=True):
+        if answer.prompt_tokens:
+            counted.setdefault(prompt, answer.prompt_tokens)
+    prompt_tokens = [counted.get(p) or job.info.count_tokens(p) for p in job.distinct_prompts]
     if any(t is None for t in (*prompt_tokens, *completion_tokens)):
         return None
     p = sum(t for t in prompt_tokens if t is not None)
@@ -154,22 +188,28 @@ def _usage(job: _Job, completion_tokens: Sequence[int | None]) -> dict[str, int]
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-async def _generate_all(state: GatewayState, job: _Job) -> list[str]:
-    """The best text of each call; the first error once every call has ended (so the call
+async def _generate_all(state: GatewayState, job: _Job) -> list[_Answer]:
+    """The best answer of each call; the first error once every call has ended (so the call
     slots are held exactly as long as the calls run)."""
     with state.runner.reserve(len(job.calls)) as reservation:
         results = await asyncio.gather(
             *(state.runner.generate(job.model_id, call, reservation) for call in job.calls),
             return_exceptions=True,
         )
-    texts = []
+    answers = []
     for result in results:
         if isinstance(result, SaxError):
             raise _reword(result, job)
         if isinstance(result, BaseException):
             raise result
-        texts.append(result[0][0] if result else "")
-    return texts
+        if not result.completions:
+            answers.append(_Answer(""))
+            continue
+        best = result.completions[0]
+        answers.append(
+            _Answer(best.text, best.num_tokens, best.finish_reason, result.prompt_tokens)
+        )
+    return answers
 
 
 class _EventStream(StreamingResponse):
@@ -224,6 +264,7 @@ async def _stream(
     async def events() -> AsyncIterator[str]:
         sent = [""] * len(job.calls)
         tokens: list[int | None] = [None] * len(job.calls)
+        answers = [_Answer("")] * len(job.calls)
         if start is not None:
             for i in range(len(job.calls)):
                 yield _sse(start(i))
@@ -241,14 +282,17 @@ async def _stream(
                     sent[i] += delta
                     yield _sse(chunk(i, delta, None))
                 if event.done:
-                    reason, tokens[i] = _finish(job, sent[i])
+                    answers[i] = _Answer(
+                        sent[i], event.num_tokens, event.finish_reason, event.prompt_tokens
+                    )
+                    reason, tokens[i] = _finish(job, answers[i])
                     yield _sse(chunk(i, None, reason))
         except SaxError as e:
             err = _reword(e, job)
             yield _sse(openai_error_body(http_status(err), str(err), err.code.name.lower()))
         else:
             if usage_chunk is not None:
-                yield _sse(usage_chunk(_usage(job, tokens)))
+                yield _sse(usage_chunk(_usage(job, tokens, answers)))
         yield "data: [DONE]\n\n"
 
     return _EventStream(events(), close)
@@ -317,14 +361,14 @@ def router() -> APIRouter:
                 start if req.echo else None,
             )
 
-        texts = await _generate_all(s, job)
+        answers = await _generate_all(s, job)
         choices, counts = [], []
-        for i, text in enumerate(texts):
-            reason, tokens = _finish(job, text)
+        for i, answer in enumerate(answers):
+            reason, tokens = _finish(job, answer)
             counts.append(tokens)
-            shown = job.prompts[i] + text if req.echo else text
+            shown = job.prompts[i] + answer.text if req.echo else answer.text
             choices.append({"index": i, "text": shown, "logprobs": None, "finish_reason": reason})
-        usage = _usage(job, counts)
+        usage = _usage(job, counts, answers)
         out = body(choices, usage)
         if usage is None:
             del out["usage"]
@@ -371,17 +415,17 @@ def router() -> APIRouter:
 
             return await _stream(s, job, chunk, usage_chunk if include else None, start)
 
-        texts = await _generate_all(s, job)
+        answers = await _generate_all(s, job)
         choices, counts = [], []
-        for i, text in enumerate(texts):
-            reason, tokens = _finish(job, text)
+        for i, answer in enumerate(answers):
+            reason, tokens = _finish(job, answer)
             counts.append(tokens)
-            message = {"role": "assistant", "content": text}
+            message = {"role": "assistant", "content": answer.text}
             choices.append(
                 {"index": i, "message": message, "logprobs": None, "finish_reason": reason}
             )
         out = body("chat.completion", choices)
-        usage = _usage(job, counts)
+        usage = _usage(job, counts, answers)
         if usage is not None:
             out["usage"] = usage
         return out

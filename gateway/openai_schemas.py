@@ -3,8 +3,8 @@
 Unknown fields are accepted and ignored (clients send `user`, `metadata`, ...). Fields that would
 change the answer in a way the cell cannot honour are refused with 400: `logprobs`,
 `top_logprobs`, `tools`, `functions`, `tool_choice`, a `response_format` other than text,
-`best_of` > 1, non-zero `presence_penalty` / `frequency_penalty`, `logit_bias`, `suffix`, and
-non-text message parts.
+`best_of` > 1, non-zero `presence_penalty` / `frequency_penalty` / `min_p`, `logit_bias`,
+`suffix`, and non-text message parts.
 """
 
 from __future__ import annotations
@@ -39,6 +39,10 @@ class SamplingRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0)
     top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=-1, description="0 or -1: no limit")
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    ignore_eos: bool = False
     n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -55,6 +59,8 @@ class SamplingRequest(BaseModel):
                 raise InvalidArgumentError(f"{name} is not supported; leave it out or set it to 0")
         if self.logit_bias:
             raise InvalidArgumentError("logit_bias is not supported; leave it out")
+        if self.min_p:
+            raise InvalidArgumentError("min_p is not supported; leave it out or set it to 0")
         if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
             raise InvalidArgumentError(f"stop takes at most {MAX_STOP} strings")
         extra = self.model_extra or {}

@@ -212,6 +212,6 @@ def router() -> APIRouter:
                 options.SetExtraInput(key, value)
         with s.runner.reserve(1) as reservation:
             results = await s.runner.generate(model_id, Call(body.query, options), reservation)
-        return [[text, score] for text, score in results]
+        return [[c.text, c.score] for c in results.completions]
 
     return r

@@ -30,6 +30,26 @@ class StreamItem(NamedTuple):
     prefix_len: int
     # Scores so far (sum of token log-probabilities), one per score kind.
     scores: tuple[float, ...]
+    # Tokens generated so far (0: not counted by this servable).
+    num_tokens: int = 0
+    # Why the sample ended, on its last item: "eos", "stop" (a stop string) or "length".
+    finish_reason: str = ""
+    # Tokens of the prompt as the model saw it (0: not counted).
+    prompt_tokens: int = 0
+
+
+class Generated(NamedTuple):
+    """One generated sample (Saxml's DecodedText, with its token counts)."""
+
+    text: str
+    # Sum of the log-probabilities of the generated tokens.
+    score: float
+    # Tokens generated (0: not counted by this servable).
+    num_tokens: int = 0
+    # Why the sample ended: "eos", "stop" (a stop string) or "length" ("": not said).
+    finish_reason: str = ""
+    # Tokens of the prompt as the model saw it (0: not counted).
+    prompt_tokens: int = 0
 
 
 class Servable(Protocol):
@@ -44,8 +64,9 @@ class Servable(Protocol):
         """Methods served, e.g. ("lm.generate", "lm.generate_stream", "lm.score")."""
         ...
 
-    def generate(self, prompt: str, params: SamplingParams) -> list[tuple[str, float]]:
-        """`params.num_samples` continuations of prompt as (text, score), best score first."""
+    def generate(self, prompt: str, params: SamplingParams) -> Sequence[Generated]:
+        """`params.num_samples` continuations of prompt, best score first. A plain
+        (text, score) pair counts as a `Generated` without token counts."""
         ...
 
     def generate_stream(self, prompt: str, params: SamplingParams) -> Iterator[list[StreamItem]]:
@@ -72,7 +93,7 @@ class AsyncServable(Protocol):
     resources.
     """
 
-    async def generate_async(self, prompt: str, params: SamplingParams) -> list[tuple[str, float]]:
+    async def generate_async(self, prompt: str, params: SamplingParams) -> Sequence[Generated]:
         """Like `Servable.generate`."""
         ...
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import grpc
 
@@ -31,6 +31,42 @@ StreamItem = tuple[str, int, list[float]]
 #: GenerateStream's callback: callback(last, items).
 StreamCallback = Callable[[bool, list[StreamItem]], None]
 
+
+class Completion(NamedTuple):
+    """One generated sample with the model server's token counts (`GenerateCounted`)."""
+
+    text: str
+    score: float
+    # Tokens generated, an end-of-sequence token that ended the sample included; 0: the
+    # server did not count them.
+    num_tokens: int
+    # "eos", "stop" (a stop string), "length"; "": not said.
+    finish_reason: str
+
+
+class Generation(NamedTuple):
+    """`GenerateCounted`'s answer: the samples, best score first, and the prompt's tokens."""
+
+    completions: list[Completion]
+    # Tokens of the prompt as the model saw it; 0: not counted.
+    prompt_tokens: int
+
+
+class StreamUpdate(NamedTuple):
+    """One streamed item with the model server's counts (`GenerateStreamCounted`)."""
+
+    text: str
+    prefix_len: int
+    scores: list[float]
+    # Tokens generated so far; 0: not counted.
+    num_tokens: int
+    # Set on the sample's last update: "eos", "stop" or "length".
+    finish_reason: str
+
+
+#: GenerateStreamCounted's callback: callback(last, updates, prompt_tokens).
+CountedStreamCallback = Callable[[bool, list[StreamUpdate], int], None]
+
 _RETRIED = (
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -39,20 +75,28 @@ _RETRIED = (
 _T = TypeVar("_T")
 
 
-def merge_stream_items(texts: list[str], items: Sequence[StreamItem]) -> list[str]:
+def merge_stream_items(
+    texts: list[str], items: Sequence[StreamItem] | Sequence[StreamUpdate]
+) -> list[str]:
     """Applies one GenerateStream response to the texts so far, one per sample.
 
     Sample i becomes texts[i][:prefix_len] + text; `texts` grows as samples appear. Returns it.
     """
-    for i, (text, prefix_len, _scores) in enumerate(items):
+    for i, item in enumerate(items):
+        text, prefix_len = item[0], item[1]
         while len(texts) <= i:
             texts.append("")
         texts[i] = texts[i][:prefix_len] + text
     return texts
 
 
-def _stream_items(response: lm_pb2.GenerateStreamResponse) -> list[StreamItem]:
-    return [(item.text, item.prefix_len, list(item.scores)) for item in response.items]
+def _stream_updates(response: lm_pb2.GenerateStreamResponse) -> list[StreamUpdate]:
+    return [
+        StreamUpdate(
+            item.text, item.prefix_len, list(item.scores), item.num_tokens, item.finish_reason
+        )
+        for item in response.items
+    ]
 
 
 class LanguageModel:
@@ -69,13 +113,21 @@ class LanguageModel:
 
     def Generate(self, text: str, options: ModelOptions | None = None) -> list[tuple[str, float]]:
         """Generates texts for the prompt: [(text, score), ...], best score first."""
+        return [(c.text, c.score) for c in self.GenerateCounted(text, options).completions]
+
+    def GenerateCounted(self, text: str, options: ModelOptions | None = None) -> Generation:
+        """Like `Generate`, with the token counts and finish reasons the model server gives
+        (what an OpenAI-style `usage` reports)."""
         request = lm_pb2.GenerateRequest(
             model_key=self._name.full, text=_text("text", text), extra_inputs=_extra(options)
         )
 
-        def attempt(stub: lm_pb2_grpc.LMServiceStub, timeout: float) -> list[tuple[str, float]]:
+        def attempt(stub: lm_pb2_grpc.LMServiceStub, timeout: float) -> Generation:
             response = stub.Generate(request, timeout=timeout)
-            return [(t.text, t.score) for t in response.texts]
+            completions = [
+                Completion(t.text, t.score, t.num_tokens, t.finish_reason) for t in response.texts
+            ]
+            return Generation(completions, response.prompt_tokens)
 
         return self._run("Generate", attempt, _deadline(options))
 
@@ -108,6 +160,17 @@ class LanguageModel:
         Errors before the first response are retried on another replica; later errors end the
         stream and are raised once the callbacks have stopped.
         """
+
+        def counted(last: bool, updates: list[StreamUpdate], _prompt_tokens: int) -> None:
+            callback(last, [(u.text, u.prefix_len, u.scores) for u in updates])
+
+        self.GenerateStreamCounted(text, counted, options)
+
+    def GenerateStreamCounted(
+        self, text: str, callback: CountedStreamCallback, options: ModelOptions | None = None
+    ) -> None:
+        """Like `GenerateStream`, with counts: `callback(False, updates, prompt_tokens)` for
+        each response, then `callback(True, [], prompt_tokens)`."""
         request = lm_pb2.GenerateRequest(
             model_key=self._name.full, text=_text("text", text), extra_inputs=_extra(options)
         )
@@ -126,16 +189,19 @@ class LanguageModel:
 
         deadline = _deadline(options)
         call, first = self._run("GenerateStream", attempt, deadline)
+        prompt_tokens = 0
         try:
             if first is not None:
-                callback(False, _stream_items(first))
+                prompt_tokens = first.prompt_tokens
+                callback(False, _stream_updates(first), prompt_tokens)
                 for response in call:
-                    callback(False, _stream_items(response))
+                    prompt_tokens = response.prompt_tokens or prompt_tokens
+                    callback(False, _stream_updates(response), prompt_tokens)
         except grpc.RpcError as e:
             raise self._error("GenerateStream", deadline, "", e) from None
         finally:
             call.cancel()
-        callback(True, [])
+        callback(True, [], prompt_tokens)
 
     def _run(
         self,

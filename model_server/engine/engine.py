@@ -67,6 +67,7 @@ class _Active:
     detoks: list[Detokenizer] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
     emitted: list[int] = field(default_factory=list)  # characters sent per sample
+    counts: list[int] = field(default_factory=list)  # tokens generated per sample, EOS included
 
     def out(self, **kwargs: object) -> RequestOutput:
         return RequestOutput(self.request.request_id, **kwargs)  # type: ignore[arg-type]
@@ -136,6 +137,7 @@ class Engine:
             ]
             active.scores = [0.0] * n
             active.emitted = [0] * n
+            active.counts = [0] * n
         with self._cond:
             if self._closing:
                 raise _shutdown_error()
@@ -239,6 +241,7 @@ class Engine:
         ended: dict[SampleKey, FinishReason] = {}
         for key, token, lp in zip(keys, tokens, token_logp, strict=True):
             active = self._active[key[0]]
+            active.counts[key[1]] += 1
             if token in self._eos and not active.request.ignore_eos:
                 ended[key] = FinishReason.EOS
                 continue
@@ -271,7 +274,12 @@ class Engine:
                 piece = pieces.get((request_id, i), "")
                 items.append(
                     SampleOutput(
-                        i, piece, active.emitted[i], active.scores[i], reasons.get((request_id, i))
+                        i,
+                        piece,
+                        active.emitted[i],
+                        active.scores[i],
+                        reasons.get((request_id, i)),
+                        active.counts[i],
                     )
                 )
                 active.emitted[i] += len(piece)

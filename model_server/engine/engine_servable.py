@@ -19,9 +19,15 @@ from collections.abc import AsyncIterator, Collection, Iterator, Sequence
 from typing import Protocol
 
 from model_server.engine.engine import Engine, EngineStats
-from model_server.engine.request import Request, RequestKind, RequestOutput, SampleOptions
+from model_server.engine.request import (
+    FinishReason,
+    Request,
+    RequestKind,
+    RequestOutput,
+    SampleOptions,
+)
 from model_server.engine.runner import Runner
-from model_server.servable import StreamItem
+from model_server.servable import Generated, StreamItem
 from sax.errors import CancelledError, InvalidArgumentError
 from servables.configs.llama import IGNORE_EOS
 from servables.sampling_params import SamplingParams
@@ -61,24 +67,47 @@ def _flag(value: object, name: str) -> bool:
     raise InvalidArgumentError(f"extra input {name!r} must be 0 or 1, got {value!r}")
 
 
-def _stream_items(output: RequestOutput) -> list[StreamItem]:
-    return [StreamItem(s.text, s.prefix_len, (s.score,)) for s in output.samples]
+def _reason(reason: FinishReason | None) -> str:
+    return "" if reason is None else reason.value
+
+
+def _stream_items(output: RequestOutput, prompt_tokens: int) -> list[StreamItem]:
+    return [
+        StreamItem(
+            s.text, s.prefix_len, (s.score,), s.num_tokens, _reason(s.finish_reason), prompt_tokens
+        )
+        for s in output.samples
+    ]
 
 
 class _Texts:
-    """Rebuilds each sample's text and score from the outputs (Saxml's prefix_len rule)."""
+    """Rebuilds each sample's text, score and counts from the outputs (Saxml's prefix_len
+    rule)."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, request: Request) -> None:
+        n = len(request.samples)
+        self.prompt_tokens = len(request.prompt)
         self.texts = [""] * n
         self.scores = [0.0] * n
+        self.tokens = [0] * n
+        self.reasons = [""] * n
 
     def add(self, output: RequestOutput) -> None:
         for s in output.samples:
             self.texts[s.index] = self.texts[s.index][: s.prefix_len] + s.text
             self.scores[s.index] = s.score
+            self.tokens[s.index] = s.num_tokens
+            if s.finish_reason is not None:
+                self.reasons[s.index] = s.finish_reason.value
 
-    def best_first(self) -> list[tuple[str, float]]:
-        return sorted(zip(self.texts, self.scores, strict=True), key=lambda r: r[1], reverse=True)
+    def best_first(self) -> list[Generated]:
+        rows = [
+            Generated(text, score, tokens, reason, self.prompt_tokens)
+            for text, score, tokens, reason in zip(
+                self.texts, self.scores, self.tokens, self.reasons, strict=True
+            )
+        ]
+        return sorted(rows, key=lambda r: r.score, reverse=True)
 
 
 class EngineServable:
@@ -234,9 +263,10 @@ class EngineServable:
             if not finished:
                 self._engine.abort(request.request_id, _stopped_reading())
 
-    def generate(self, prompt: str, params: SamplingParams) -> list[tuple[str, float]]:
-        texts = _Texts(params.num_samples)
-        for output in self._outputs(self._generate_request(prompt, params)):
+    def generate(self, prompt: str, params: SamplingParams) -> list[Generated]:
+        request = self._generate_request(prompt, params)
+        texts = _Texts(request)
+        for output in self._outputs(request):
             texts.add(output)
         return texts.best_first()
 
@@ -249,7 +279,7 @@ class EngineServable:
         try:
             for output in outputs:
                 if output.samples:
-                    yield _stream_items(output)
+                    yield _stream_items(output, len(request.prompt))
         finally:
             outputs.close()
 
@@ -289,9 +319,10 @@ class EngineServable:
             if not finished:
                 self._engine.abort(request.request_id, _stopped_reading())
 
-    async def generate_async(self, prompt: str, params: SamplingParams) -> list[tuple[str, float]]:
-        texts = _Texts(params.num_samples)
-        outputs = self._outputs_async(self._generate_request(prompt, params))
+    async def generate_async(self, prompt: str, params: SamplingParams) -> list[Generated]:
+        request = self._generate_request(prompt, params)
+        texts = _Texts(request)
+        outputs = self._outputs_async(request)
         try:
             async for output in outputs:
                 texts.add(output)
@@ -302,11 +333,12 @@ class EngineServable:
     async def generate_stream_async(
         self, prompt: str, params: SamplingParams
     ) -> AsyncIterator[list[StreamItem]]:
-        outputs = self._outputs_async(self._generate_request(prompt, params))
+        request = self._generate_request(prompt, params)
+        outputs = self._outputs_async(request)
         try:
             async for output in outputs:
                 if output.samples:
-                    yield _stream_items(output)
+                    yield _stream_items(output, len(request.prompt))
         finally:
             await outputs.aclose()
 

@@ -115,6 +115,9 @@ class SampleOutput:
     score: float
     # Set on the step the sample finishes.
     finish_reason: FinishReason | None = None
+    # Tokens the sample has generated so far, an end-of-sequence token that ended it included
+    # (as OpenAI-style servers count them).
+    num_tokens: int = 0
 
 
 @dataclass(frozen=True)

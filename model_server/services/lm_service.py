@@ -28,7 +28,7 @@ import grpc
 
 from model_server.metrics import ModelServerMetrics
 from model_server.model_manager import LoadedModel, ModelManager
-from model_server.servable import AsyncServable, StreamItem
+from model_server.servable import AsyncServable, Generated, StreamItem
 from sax.errors import InvalidArgumentError, SaxError, UnavailableError
 from sax.rpc import handle_errors
 from sax.v1 import lm_pb2, lm_pb2_grpc
@@ -228,8 +228,18 @@ class LMServicer(lm_pb2_grpc.LMServiceServicer):
                     results = await self._run(servable.generate, request.text, params)
             finally:
                 _cancel(params)
+        rows = [Generated(*r) for r in results]
         return lm_pb2.GenerateResponse(
-            texts=[lm_pb2.DecodedText(text=text, score=score) for text, score in results]
+            texts=[
+                lm_pb2.DecodedText(
+                    text=r.text,
+                    score=r.score,
+                    num_tokens=r.num_tokens,
+                    finish_reason=r.finish_reason,
+                )
+                for r in rows
+            ],
+            prompt_tokens=rows[0].prompt_tokens if rows else 0,
         )
 
     @handle_errors
@@ -255,10 +265,15 @@ class LMServicer(lm_pb2_grpc.LMServiceServicer):
                     yield lm_pb2.GenerateStreamResponse(
                         items=[
                             lm_pb2.GenerateStreamItem(
-                                text=item.text, prefix_len=item.prefix_len, scores=item.scores
+                                text=item.text,
+                                prefix_len=item.prefix_len,
+                                scores=item.scores,
+                                num_tokens=item.num_tokens,
+                                finish_reason=item.finish_reason,
                             )
                             for item in step
-                        ]
+                        ],
+                        prompt_tokens=step[0].prompt_tokens if step else 0,
                     )
             finally:
                 _cancel(params)

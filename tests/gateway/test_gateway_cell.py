@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+from typing import Any
 
 import httpx
 import openai
@@ -107,20 +108,56 @@ def test_completions_limits_seeds_and_streams(gateway_cell: GatewayCell) -> None
     assert [c.text for c in sampled.choices] == [c.text for c in again.choices]
 
     tiny = client.completions.create(model=TINY, prompt="Hello", max_tokens=4)
-    assert tiny.usage is None and tiny.choices[0].finish_reason == "stop"
+    assert tiny.usage is not None and tiny.usage.completion_tokens == 4
+    assert tiny.choices[0].finish_reason == "length"
+
+
+def test_usage_is_the_engines_count_and_ignore_eos_runs_to_the_limit(
+    gateway_cell: GatewayCell,
+) -> None:
+    client = _openai(gateway_cell.main.url)
+    prompt = "The capital of France is Paris. The capital of Italy is"
+
+    def streamed(**extra: object) -> tuple[str, str, Any]:
+        chunks = list(
+            client.completions.create(
+                model="smollm2",
+                prompt=prompt,
+                max_tokens=48,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body=extra,
+            )
+        )
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        reasons = [c.choices[0].finish_reason for c in chunks if c.choices]
+        return text, reasons[-1], chunks[-1].usage
+
+    text, reason, usage = streamed()
+    # SmolLM2 ends this answer before 48 tokens: its end-of-sequence token counts, as in vLLM.
+    assert reason == "stop" and usage.completion_tokens < 48, (text, usage)
+    full, reason, long_usage = streamed(ignore_eos=True, top_k=0, repetition_penalty=1.0)
+    assert reason == "length" and long_usage.completion_tokens == 48
+    assert full.startswith(text) and len(full) > len(text)
+    assert long_usage.prompt_tokens == usage.prompt_tokens > 10
+    with pytest.raises(openai.BadRequestError, match="min_p"):
+        client.completions.create(model="smollm2", prompt=prompt, extra_body={"min_p": 0.1})
 
 
 def test_chat_without_a_template_uses_the_plain_format(gateway_cell: GatewayCell) -> None:
     client = _openai(gateway_cell.main.url)
     ask = {"model": "tiny", "messages": QUESTION, "max_tokens": 4, "n": 2, "seed": 3}
     first = client.chat.completions.create(**ask)
-    assert [c.index for c in first.choices] == [0, 1] and first.usage is None
+    assert [c.index for c in first.choices] == [0, 1]
+    # TinyLM has no tokenizer files, yet its engine counts the tokens it made.
+    assert first.usage is not None and first.usage.completion_tokens == 8
     again = client.chat.completions.create(**ask)
     assert [c.message.content for c in first.choices] == [c.message.content for c in again.choices]
     chunks = list(client.chat.completions.create(**ask, stream=True))
     for i in (0, 1):
         mine = [c.choices[0] for c in chunks if c.choices[0].index == i]
-        assert mine[0].delta.role == "assistant" and mine[-1].finish_reason == "stop"
+        assert mine[0].delta.role == "assistant" and mine[-1].finish_reason == "length"
         assert "".join(c.delta.content or "" for c in mine)  # TinyLM streams its first sample
 
 

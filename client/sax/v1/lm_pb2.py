@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from sax.v1 import common_pb2 as sax_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fsax/v1/lm.proto\x12\x06sax.v1\x1a\x13sax/v1/common.proto\"]\n\x0fGenerateRequest\x12\x11\n\tmodel_key\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12)\n\x0c\x65xtra_inputs\x18\x03 \x01(\x0b\x32\x13.sax.v1.ExtraInputs\"*\n\x0b\x44\x65\x63odedText\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\"6\n\x10GenerateResponse\x12\"\n\x05texts\x18\x01 \x03(\x0b\x32\x13.sax.v1.DecodedText\"L\n\x12GenerateStreamItem\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x12\n\nprefix_len\x18\x02 \x01(\x05\x12\x0e\n\x06scores\x18\x04 \x03(\x01J\x04\x08\x03\x10\x04\"C\n\x16GenerateStreamResponse\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.sax.v1.GenerateStreamItem\"l\n\x0cScoreRequest\x12\x11\n\tmodel_key\x18\x01 \x01(\t\x12\x0e\n\x06suffix\x18\x02 \x03(\t\x12\x0e\n\x06prefix\x18\x03 \x01(\t\x12)\n\x0c\x65xtra_inputs\x18\x04 \x01(\x0b\x32\x13.sax.v1.ExtraInputs\"\x1d\n\rScoreResponse\x12\x0c\n\x04logp\x18\x01 \x03(\x01\x32\xcd\x01\n\tLMService\x12=\n\x08Generate\x12\x17.sax.v1.GenerateRequest\x1a\x18.sax.v1.GenerateResponse\x12K\n\x0eGenerateStream\x12\x17.sax.v1.GenerateRequest\x1a\x1e.sax.v1.GenerateStreamResponse0\x01\x12\x34\n\x05Score\x12\x14.sax.v1.ScoreRequest\x1a\x15.sax.v1.ScoreResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fsax/v1/lm.proto\x12\x06sax.v1\x1a\x13sax/v1/common.proto\"]\n\x0fGenerateRequest\x12\x11\n\tmodel_key\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12)\n\x0c\x65xtra_inputs\x18\x03 \x01(\x0b\x32\x13.sax.v1.ExtraInputs\"U\n\x0b\x44\x65\x63odedText\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\"M\n\x10GenerateResponse\x12\"\n\x05texts\x18\x01 \x03(\x0b\x32\x13.sax.v1.DecodedText\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\"w\n\x12GenerateStreamItem\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x12\n\nprefix_len\x18\x02 \x01(\x05\x12\x0e\n\x06scores\x18\x04 \x03(\x01\x12\x12\n\nnum_tokens\x18\x05 \x01(\x05\x12\x15\n\rfinish_reason\x18\x06 \x01(\tJ\x04\x08\x03\x10\x04\"Z\n\x16GenerateStreamResponse\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.sax.v1.GenerateStreamItem\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\"l\n\x0cScoreRequest\x12\x11\n\tmodel_key\x18\x01 \x01(\t\x12\x0e\n\x06suffix\x18\x02 \x03(\t\x12\x0e\n\x06prefix\x18\x03 \x01(\t\x12)\n\x0c\x65xtra_inputs\x18\x04 \x01(\x0b\x32\x13.sax.v1.ExtraInputs\"\x1d\n\rScoreResponse\x12\x0c\n\x04logp\x18\x01 \x03(\x01\x32\xcd\x01\n\tLMService\x12=\n\x08Generate\x12\x17.sax.v1.GenerateRequest\x1a\x18.sax.v1.GenerateResponse\x12K\n\x0eGenerateStream\x12\x17.sax.v1.GenerateRequest\x1a\x1e.sax.v1.GenerateStreamResponse0\x01\x12\x34\n\x05Score\x12\x14.sax.v1.ScoreRequest\x1a\x15.sax.v1.ScoreResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,17 +35,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=48
   _globals['_GENERATEREQUEST']._serialized_end=141
   _globals['_DECODEDTEXT']._serialized_start=143
-  _globals['_DECODEDTEXT']._serialized_end=185
-  _globals['_GENERATERESPONSE']._serialized_start=187
-  _globals['_GENERATERESPONSE']._serialized_end=241
-  _globals['_GENERATESTREAMITEM']._serialized_start=243
-  _globals['_GENERATESTREAMITEM']._serialized_end=319
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=321
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=388
-  _globals['_SCOREREQUEST']._serialized_start=390
-  _globals['_SCOREREQUEST']._serialized_end=498
-  _globals['_SCORERESPONSE']._serialized_start=500
-  _globals['_SCORERESPONSE']._serialized_end=529
-  _globals['_LMSERVICE']._serialized_start=532
-  _globals['_LMSERVICE']._serialized_end=737
+  _globals['_DECODEDTEXT']._serialized_end=228
+  _globals['_GENERATERESPONSE']._serialized_start=230
+  _globals['_GENERATERESPONSE']._serialized_end=307
+  _globals['_GENERATESTREAMITEM']._serialized_start=309
+  _globals['_GENERATESTREAMITEM']._serialized_end=428
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=430
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=520
+  _globals['_SCOREREQUEST']._serialized_start=522
+  _globals['_SCOREREQUEST']._serialized_end=630
+  _globals['_SCORERESPONSE']._serialized_start=632
+  _globals['_SCORERESPONSE']._serialized_end=661
+  _globals['_LMSERVICE']._serialized_start=664
+  _globals['_LMSERVICE']._serialized_end=869
 # @@protoc_insertion_point(module_scope)

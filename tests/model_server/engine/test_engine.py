@@ -87,7 +87,7 @@ def test_greedy_generate_stream_and_score_agree_with_the_reference(parts: Any) -
     servable, runner, tok = parts
     assert isinstance(servable, AsyncServable)
     want = expected(tok, "hello", 24)
-    ((text, score),) = servable.generate("hello", params(CONFIG))
+    ((text, score, *_),) = servable.generate("hello", params(CONFIG))
     assert text == want and len(text) == 24
     assert reassemble(servable.generate_stream("hello", params(CONFIG))) == [want]
     (logp,) = servable.score("hello", [text], params(CONFIG))
@@ -269,7 +269,7 @@ def test_prompt_longer_than_the_largest_bucket(tmp_path: pathlib.Path, parts: An
     cut, cut_runner, _ = build_servable(tmp_path / "cut", config)
     try:
         prompt = "".join(chr(ord("a") + i % 26) for i in range(40))
-        ((text, _),) = cut.generate(prompt, params(config, per_example_max_decode_steps=4))
+        ((text, *_),) = cut.generate(prompt, params(config, per_example_max_decode_steps=4))
         kept = cut_runner.log[0][2]
         assert len(kept) == 32 and kept[0] == tok.bos_id
         assert tok.decode(kept) == prompt[-31:]
@@ -306,11 +306,28 @@ def test_stop_strings(parts: Any) -> None:
     full = expected(tok, "hello", 24)
     stop = full[10:13]
     assert full.index(stop) == 10
-    ((text, _),) = servable.generate("hello", params(CONFIG, stop=stop))
+    ((text, *_),) = servable.generate("hello", params(CONFIG, stop=stop))
     assert text == full[:10]
     assert reassemble(servable.generate_stream("hello", params(CONFIG, stop=stop))) == [full[:10]]
     many = f'["zzzz", "{full[5:7]}"]'
     assert servable.generate("hello", params(CONFIG, stop=many))[0][0] == full[:5]
+
+
+def test_token_counts_and_finish_reasons(parts: Any) -> None:
+    servable, _, tok = parts
+    prompt_tokens = len(tok.encode("hello"))
+    (done,) = servable.generate("hello", params(CONFIG, per_example_max_decode_steps=7))
+    assert (done.num_tokens, done.finish_reason, done.prompt_tokens) == (7, "length", prompt_tokens)
+    assert len(tok.encode(done.text, add_bos=False)) == 7
+    steps = list(servable.generate_stream("hello", params(CONFIG, per_example_max_decode_steps=7)))
+    counts = [step[0].num_tokens for step in steps]
+    assert counts == sorted(counts) and counts[-1] == 7
+    assert [step[0].finish_reason for step in steps] == [""] * (len(steps) - 1) + ["length"]
+    assert {step[0].prompt_tokens for step in steps} == {prompt_tokens}
+    # A stop string ends the text before it; the tokens that made it were still generated.
+    full = expected(tok, "hello", 24)
+    (stopped,) = servable.generate("hello", params(CONFIG, stop=full[10:13]))
+    assert stopped.finish_reason == "stop" and 11 <= stopped.num_tokens < 24
 
 
 def test_several_samples_share_one_prefill(tmp_path: pathlib.Path) -> None:
@@ -318,13 +335,13 @@ def test_several_samples_share_one_prefill(tmp_path: pathlib.Path) -> None:
     servable, runner, _ = build_servable(tmp_path, config)
     try:
         results = servable.generate("many", params(config, temperature=1.0, seed=4))
-        assert len(results) == 3 and len({t for t, _ in results}) == 3
-        assert [s for _, s in results] == sorted((s for _, s in results), reverse=True)
+        assert len(results) == 3 and len({r.text for r in results}) == 3
+        assert [r.score for r in results] == sorted((r.score for r in results), reverse=True)
         assert [e[0] for e in runner.log[:3]] == ["prefill", "copy", "copy"]
         streamed = reassemble(
             servable.generate_stream("many", params(config, temperature=1.0, seed=4))
         )
-        assert sorted(streamed) == sorted(t for t, _ in results)
+        assert sorted(streamed) == sorted(r.text for r in results)
     finally:
         servable.close()
 
@@ -335,7 +352,7 @@ def test_eos_ends_a_sample_without_text_or_score(tmp_path: pathlib.Path) -> None
         lengths = set()
         for prompt in ("a", "bb", "ccc", "dddd", "eeeee"):
             want = reference_greedy(tok.encode(prompt), 24, eos_period=7)
-            ((text, score),) = servable.generate(prompt, params(CONFIG))
+            ((text, score, *_),) = servable.generate(prompt, params(CONFIG))
             assert text == expected(tok, prompt, 24, eos_period=7)
             lengths.add(len(text))
             if want[-1] == EOS:

@@ -43,8 +43,8 @@ def test_same_seed_same_model_other_seed_other_model() -> None:
 def test_outputs_are_printable_ascii_and_scores_match_score() -> None:
     model = TinyLMServable(CONFIG)
     results = model.generate("The cat", params(temperature=1.0, seed=3))
-    assert [s for _, s in results] == sorted((s for _, s in results), reverse=True)
-    for text, score in results:
+    assert [r.score for r in results] == sorted((r.score for r in results), reverse=True)
+    for text, score, *_ in results:
         assert all(32 <= ord(ch) < 127 for ch in text)
         assert score < 0 and math.isfinite(score)
         assert model.score("The cat", [text], params())[0] == pytest.approx(score, rel=1e-5)
