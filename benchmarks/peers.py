@@ -37,7 +37,6 @@ import importlib.util
 import json
 import logging
 import os
-import platform
 import subprocess
 import tempfile
 import time
@@ -46,7 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from benchmarks.serve import CACHE, converted_checkpoint, gguf_path
-from benchmarks.serving import peer_report, peer_servers, peer_setup, roofline
+from benchmarks.serving import machine, peer_report, peer_servers, peer_setup, roofline
 from benchmarks.serving.local_cell import REPO
 
 logger = logging.getLogger("peers")
@@ -121,21 +120,6 @@ def plan(quick: bool) -> list[Workload]:
     return points
 
 
-def _cpu() -> dict[str, Any]:
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
-    have = [f for f in wanted if f in flags]
-    return {"cpu": model, "cores": os.cpu_count(), "flags": " ".join(have) or "no AVX2"}
-
-
 class Run:
     """Starts each system in turn, runs every workload against it, keeps the results."""
 
@@ -149,7 +133,7 @@ class Run:
         self.data: dict[str, Any] = {
             "date": datetime.date.today().isoformat(),
             "command": "python benchmarks/peers.py " + " ".join(sys.argv[1:]),
-            "machine": _cpu(),
+            "machine": machine.cpu_info(),
             "client": peer_setup.VLLM_VERSION,
             "slo": list(SLO),
             "systems": {},

@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.serving import loadgen, report, roofline, systems, workload
+from benchmarks.serving import loadgen, machine, report, roofline, systems, workload
 from benchmarks.serving.request_stats import aggregate
 
 logger = logging.getLogger("serve")
@@ -169,7 +169,7 @@ class Bench:
                 "systems": sorted(self.systems),
                 "machine": {
                     "cpus": os.cpu_count(),
-                    "processor": _cpu_model(),
+                    "processor": machine.cpu_info()["cpu"],
                     "python": platform.python_version(),
                     "torch": torch.__version__,
                     "torch_threads": self.threads,
@@ -410,17 +410,6 @@ class Bench:
             lines.append(f"skipped {system}: {why}")
         lines.append(f"total time: {time.perf_counter() - self.started:.0f} s")
         return "\n".join(lines)
-
-
-def _cpu_model() -> str:
-    """The CPU's model name (Linux), else the machine type."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def _ms(summary: dict[str, float] | None) -> str:

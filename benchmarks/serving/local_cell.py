@@ -116,12 +116,17 @@ class LocalCell:
         return out
 
     def close(self) -> None:
-        for proc in self._procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self._procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        stop_processes(self._procs)
+
+
+def stop_processes(procs: list[subprocess.Popen[bytes]], grace: float = 20.0) -> None:
+    """SIGTERM to each process still running, then waits; kills one that outlives `grace`."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)

