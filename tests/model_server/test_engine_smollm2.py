@@ -85,11 +85,11 @@ def test_greedy_chat_answer_names_paris(model: EngineServable) -> None:
     prompt = chat(model, "What is the capital of France?")
     (im_start,) = model.tokenizer.encode("<|im_start|>", add_bos=False)
     assert model.tokenizer.encode(prompt).count(im_start) == 3  # system, user, assistant
-    ((text, score),) = model.generate(prompt, params(per_example_max_decode_steps=32))
+    ((text, score, *_),) = model.generate(prompt, params(per_example_max_decode_steps=32))
     assert "Paris" in text, text
     assert score < 0
     # Stopping before "Paris" keeps the text up to it.
-    ((cut, _),) = model.generate(prompt, params(per_example_max_decode_steps=32, stop="Paris"))
+    ((cut, *_),) = model.generate(prompt, params(per_example_max_decode_steps=32, stop="Paris"))
     assert cut == text[: text.index("Paris")]
 
 
