@@ -257,6 +257,10 @@ class LlamaConfig(ServableConfig):
     # Intra-op threads of the torch backend on a CPU (CPU_THREADS): 0 picks them while serving
     # (all cores, or half when a busy neighbour makes that faster); N: always N.
     cpu_threads: int = 0
+    # Float32 products of few rows on a CPU (CPU_GEMM): "auto" measures, at the first step, a
+    # kernel built for the machine against torch's BLAS on the model's weights and uses it for
+    # the row counts where it is faster; "torch" always uses torch's.
+    cpu_gemm: str = "auto"
     # QUANTIZATION=int4: input columns sharing one scale and zero (QUANTIZATION_GROUP_SIZE; 32,
     # 64, 128 or 256, dividing model_dim, hidden_dim and num_heads x head_dim). Smaller is more
     # accurate and spends more on scales (4 bytes a group).
@@ -288,6 +292,7 @@ class LlamaConfig(ServableConfig):
             "KV_CACHE_TOKENS": "kv_cache_tokens",
             "PREFIX_CACHING": "prefix_caching",
             "CPU_THREADS": "cpu_threads",
+            "CPU_GEMM": "cpu_gemm",
             "QUANTIZATION_GROUP_SIZE": "quantization_group_size",
             "LM_HEAD_QUANTIZATION": "lm_head_quantization",
             "NUM_LAYERS": "num_layers",
@@ -360,6 +365,8 @@ class LlamaConfig(ServableConfig):
             raise InvalidArgumentError(
                 f"CPU_THREADS must be 0 (chosen while serving) or positive, got {self.cpu_threads}"
             )
+        if self.cpu_gemm not in ("auto", "torch"):
+            raise InvalidArgumentError(f'CPU_GEMM must be "auto" or "torch", got {self.cpu_gemm!r}')
         if self.kv_block_size <= 0 or self.kv_cache_tokens < 0:
             raise InvalidArgumentError(
                 f"KV_BLOCK_SIZE must be positive and KV_CACHE_TOKENS 0 (every sequence at full "

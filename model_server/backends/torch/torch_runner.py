@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from model_server.backends.logits_runner import LogitsRunner, RunnerChecks, smallest_at_least
+from model_server.backends.torch import small_gemm
 from model_server.backends.torch.threads import ThreadTuner, thread_choices
 from model_server.backends.torch.weights import build_model, resolve_dtype
 from model_server.engine.kv_cache import blocks_for
@@ -93,6 +94,13 @@ class TorchRunner(RunnerChecks, LogitsRunner):
             else:
                 cores = cpu_threads or torch.get_num_threads()
                 self._tuner = ThreadTuner(thread_choices(cores))
+        # Float32 products of few rows through small_gemm: measured at the first step, on the
+        # thread and the thread count that run the steps.
+        self._choose_gemm = (
+            model.devices[0].type == "cpu"
+            and config.dtype == "float32"
+            and config.cpu_gemm == "auto"
+        )
         with torch.inference_mode():
             model.allocate_cache(self._num_blocks, self._block_size, self.max_seq_len)
 
@@ -129,8 +137,14 @@ class TorchRunner(RunnerChecks, LogitsRunner):
             )
 
     def _live(self) -> LlamaForCausalLM:
+        """The model (under the lock), its kernels chosen on the first call."""
         if self._model is None:
             raise FailedPreconditionError("the runner was closed; load the model again")
+        if self._choose_gemm:
+            self._choose_gemm = False
+            gemm = small_gemm.load()
+            if gemm is not None:
+                small_gemm.install(self._model, gemm)
         return self._model
 
     chunked_prefill = True
@@ -226,9 +240,9 @@ class TorchRunner(RunnerChecks, LogitsRunner):
         if not parts:
             return np.zeros((0, self.vocab_size), np.float32)
         with self._lock, torch.inference_mode():
-            model = self._live()
             if self._tuner is not None:
                 self._tuner.before_step()  # the engine thread runs every step
+            model = self._live()
             began = time.perf_counter()
             hidden = model.step(torch.tensor(tokens, dtype=torch.long), parts)  # [N, D]
             for c in copies:
