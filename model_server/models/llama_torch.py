@@ -18,7 +18,7 @@ Layer i runs on `layer_devices[i]` (pipeline placement over several devices), th
 `devices[0]`, the final norm and the output projection on `devices[-1]`. A layer's projections
 run as their `nn.Linear`s, or through the served forms set on `Attention.qkv`/`.o` and
 `MLP.gate_up`/`.down` (any `Weight`: fused float matrices, int8, int4); the output projection
-through `head` when it is served quantized.
+through `head` when it is served in another form (quantized, or by a CPU kernel).
 """
 
 from __future__ import annotations
@@ -347,7 +347,8 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config)
         self.lm_head = nn.Linear(config.model_dim, config.vocab_size, bias=False)
-        # Set by the loader when the output projection is served quantized (int8, int4).
+        # Set when the output projection is served in another form: quantized (int8, int4) by
+        # the loader, or through a CPU kernel by the runner.
         self.head: Weight | None = None
         # Where the model runs: embeddings on the first device, final norm and output projection
         # on the last; layer i on layer_devices[i].

@@ -132,7 +132,7 @@ class SmallRowsWeight:
     kernel, and with more through torch (a `LinearWeight` of the model)."""
 
     def __init__(self, weight: torch.Tensor, gemm: SmallGemm, max_rows: int) -> None:
-        if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
+        if not _float_cpu(weight):
             raise ValueError(f"small_gemm serves 2-D float32 CPU weights, not {weight.dtype}")
         self.weight = weight.contiguous()
         self._gemm = gemm
@@ -181,7 +181,7 @@ def choose_max_rows(
     for m in rows:
         inputs = {w.shape[1]: torch.randn(m, w.shape[1]) for w in weights}
 
-        def ours(m: int = m, inputs: dict[int, torch.Tensor] = inputs) -> None:
+        def ours(inputs: dict[int, torch.Tensor] = inputs) -> None:
             for w in weights:
                 gemm(inputs[w.shape[1]], w)
 
