@@ -11,7 +11,8 @@ gives its best-scored one, or its first when streaming.
 
 Chat prompts are the model's chat template rendered over the messages (`servables.chat_template`).
 `top_k` (0: off), `repetition_penalty` (1: off) and `ignore_eos` (vLLM's extension: keep going
-past end-of-sequence) map to the extra inputs of the same names.
+past end-of-sequence) map to the extra inputs of the same names, as does `speculative_tokens`
+(this server's extension: draft tokens per step by prompt lookup, 0: none).
 
 Token counts in `usage` and `finish_reason` are the model server's: the tokens the engine
 generated (an end-of-sequence token that ended a sample included, as vLLM counts) and the
@@ -47,6 +48,7 @@ from gateway.http_errors import http_status, openai_error_body
 from gateway.openai_schemas import ChatRequest, CompletionRequest, SamplingRequest
 from sax.errors import InvalidArgumentError, SaxError
 from servables.configs.llama import IGNORE_EOS
+from servables.sampling_params import SPECULATIVE_TOKENS
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +108,9 @@ def _options(
     if req.ignore_eos:
         check(IGNORE_EOS, "ignore_eos")
         options.SetExtraInput(IGNORE_EOS, 1)
+    if req.speculative_tokens:
+        check(SPECULATIVE_TOKENS, "speculative_tokens")
+        options.SetExtraInput(SPECULATIVE_TOKENS, req.speculative_tokens)
     if req.seed is not None:
         check("seed", "seed")
         options.SetExtraInput("seed", req.seed + i)

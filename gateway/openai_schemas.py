@@ -43,6 +43,9 @@ class SamplingRequest(BaseModel):
     min_p: float | None = Field(default=None, ge=0, le=1)
     repetition_penalty: float | None = Field(default=None, gt=0)
     ignore_eos: bool = False
+    speculative_tokens: int = Field(
+        default=0, ge=0, description="draft tokens per step by prompt lookup; 0: none"
+    )
     n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -25,6 +25,9 @@ Of models served by the batching engine:
   and those found there (hit rate = hits / queried).
 - `sax_model_server_preemptions_total`: requests preempted for want of KV cache blocks (each
   resumes later; none fails).
+- `sax_model_server_spec_decode_draft_tokens_total` /
+  `sax_model_server_spec_decode_accepted_tokens_total`: draft tokens of speculating requests
+  checked by the model, and those it agreed with (acceptance rate = accepted / draft).
 
 Every server has its own `CollectorRegistry`, so several servers can run in one process.
 """
@@ -117,6 +120,16 @@ class _ModelCollector(Collector):
             "Requests preempted for want of KV cache blocks (resumed later).",
             labels=["model"],
         )
+        drafts = CounterMetricFamily(
+            "sax_model_server_spec_decode_draft_tokens",
+            "Draft tokens (prompt lookup) checked by the model.",
+            labels=["model"],
+        )
+        accepted = CounterMetricFamily(
+            "sax_model_server_spec_decode_accepted_tokens",
+            "Draft tokens the model agreed with.",
+            labels=["model"],
+        )
         try:
             models = list(self._source())
         except Exception:  # a scrape must not fail for a model being unloaded
@@ -137,8 +150,10 @@ class _ModelCollector(Collector):
             queried.add_metric([key], stats.prefix_queried_tokens)
             hits.add_metric([key], stats.prefix_hit_tokens)
             preemptions.add_metric([key], stats.preemptions)
+            drafts.add_metric([key], stats.draft_tokens)
+            accepted.add_metric([key], stats.accepted_tokens)
         yield from (load, waiting, running, used, total, tokens, blocks_used, blocks)
-        yield from (queried, hits, preemptions)
+        yield from (queried, hits, preemptions, drafts, accepted)
 
 
 class ModelServerMetrics(MetricsEndpoint):

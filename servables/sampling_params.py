@@ -30,6 +30,9 @@ TOP_P = "top_p"
 REPETITION_PENALTY = "repetition_penalty"
 # One stop string, or several as a JSON list of strings ('["\\n\\n", "User:"]'); empty: none.
 STOP = "stop"
+# Draft tokens per decode step by prompt lookup; 0: no speculation.
+SPECULATIVE_TOKENS = "speculative_tokens"
+MAX_SPECULATIVE_TOKENS = 16
 # Seeds stay below this so seed + sample index fits the 64-bit seed of torch.Generator.
 MAX_SEED = 1 << 62
 
@@ -60,6 +63,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     # The text ends before the first occurrence of any of these strings.
     stop: tuple[str, ...] = ()
+    # Tokens guessed by prompt lookup and checked per decode step; 0: none.
+    speculative_tokens: int = 0
     # The caller's deadline as a `time.monotonic()` value; None: none. Set by the LM service.
     deadline: float | None = None
     # Set when the caller has gone away (cancel, deadline). Set by the LM service.
@@ -148,6 +153,15 @@ class SamplingParams:
                 f"{REPETITION_PENALTY} must be > 0 (1: none, > 1 discourages repeats), "
                 f"got {penalty:g}"
             )
+        speculative = _integer(
+            SPECULATIVE_TOKENS,
+            values.get(SPECULATIVE_TOKENS, 0.0),
+            f"an integer in [0, {MAX_SPECULATIVE_TOKENS}] (0: no speculation)",
+        )
+        if speculative > MAX_SPECULATIVE_TOKENS:
+            raise InvalidArgumentError(
+                f"{SPECULATIVE_TOKENS} must be at most {MAX_SPECULATIVE_TOKENS}, got {speculative}"
+            )
         return cls(
             num_samples=n,
             temperatures=temps,
@@ -158,6 +172,7 @@ class SamplingParams:
             top_p=top_p,
             repetition_penalty=penalty,
             stop=parse_stop(values.get(STOP, "")),
+            speculative_tokens=speculative,
         )
 
 

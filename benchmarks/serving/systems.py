@@ -57,21 +57,31 @@ class SaxSystem:
 class InProcessSystem:
     """Our engine in the benchmark's process: `EngineServable.generate_stream`, no gRPC."""
 
-    def __init__(self, servable: Any, config: Any, name: str = "ours (in-process)") -> None:
+    def __init__(
+        self,
+        servable: Any,
+        config: Any,
+        name: str = "ours (in-process)",
+        extra: dict[str, float] | None = None,
+    ) -> None:
+        """extra: extra inputs every request sets besides the prompt's own."""
         self.name = name
         self._servable = servable
         self._config = config
+        self._more = dict(extra or {})
 
     def stream(self, prompt: Prompt, on_chunk: ChunkCallback) -> int | None:
         from sax.v1 import common_pb2
         from servables.sampling_params import SamplingParams
 
-        extra = common_pb2.ExtraInputs(items=_extra(prompt))
+        extra = common_pb2.ExtraInputs(items={**_extra(prompt), **self._more})
         params = SamplingParams.from_extra_inputs(extra, self._config)
         params = params.for_call(time.monotonic() + TIMEOUT_S, threading.Event())
+        counted = 0
         for items in self._servable.generate_stream(prompt.text, params):
             on_chunk(items[0].text, items[0].prefix_len)
-        return None
+            counted = items[0].num_tokens or counted
+        return counted or None  # the engine's count of the tokens it made
 
 
 class LlamaCppSystem:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 CHAT_FILE = pathlib.Path(__file__).resolve().parents[1] / "prompts" / "chat.jsonl"
+DOCS = pathlib.Path(__file__).resolve().parents[2] / "docs"
 
 
 class TextTokenizer(Protocol):
@@ -78,6 +79,29 @@ def chat_prompts(
     out = []
     for i in range(n):
         messages = [{"role": "user", "content": lines[i % len(lines)]["prompt"]}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        out.append(Prompt(text, tuple(tokenizer.encode(text)), max_tokens, False))
+    return out
+
+
+def quote_prompts(
+    tokenizer: TextTokenizer, n: int, max_tokens: int, docs: pathlib.Path = DOCS
+) -> list[Prompt]:
+    """n chat prompts asking the model to repeat a paragraph of this project's docs word for
+    word (a workload whose output repeats its prompt, as summaries, edits and extraction do),
+    in the chat template, ending at end-of-sequence."""
+    paragraphs = []
+    for path in sorted(docs.glob("*.md")):
+        for block in path.read_text().split("\n\n"):
+            text = " ".join(block.split())
+            if 300 <= len(text) <= 700 and not text.startswith(("#", "|", "```")):
+                paragraphs.append(text)
+    if not paragraphs:
+        raise RuntimeError(f"no paragraph of 300 to 700 characters in {docs}")
+    out = []
+    for i in range(n):
+        ask = f"Repeat the following text word for word.\n\n{paragraphs[i % len(paragraphs)]}"
+        messages = [{"role": "user", "content": ask}]
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         out.append(Prompt(text, tuple(tokenizer.encode(text)), max_tokens, False))
     return out

@@ -8,7 +8,8 @@ top_k, top_p (on what top_k kept) and one uniform draw from the sample's seeded
 `numpy.random.Generator` through the cumulative distribution. A token's score is the
 log-softmax of the raw logits (temperature 1, no penalty, no mask) at the chosen token, so a
 sample's score is log p(text | prompt). The same seed gives the same tokens on every backend
-for the same logits.
+for the same logits. `verify` decides which tokens of a speculating sample's draft stand, with
+the same choices row by row.
 """
 
 from __future__ import annotations
@@ -78,6 +79,60 @@ def _draw(probs: np.ndarray, generator: np.random.Generator) -> int:
     return min(int(np.searchsorted(cdf, u, side="right")), probs.size - 1)
 
 
+def _pick(row: np.ndarray, state: SamplerState, allowed: np.ndarray | None) -> np.ndarray | int:
+    """One row's choice: the token (greedy) or the probabilities to draw from."""
+    options = state.options
+    if allowed is not None:
+        row = np.where(allowed, row, -np.inf)
+    if state.seen is not None:
+        row = _penalize(row, state.seen, options.repetition_penalty)
+    if options.greedy:
+        return int(np.argmax(row))
+    return _filter(row, options)
+
+
+def verify(
+    logits: np.ndarray,
+    state: SamplerState,
+    draft: Sequence[int],
+    allowed: np.ndarray | None = None,
+) -> tuple[list[int], list[float]]:
+    """The tokens a sample keeps from a checked draft: `logits` [len(draft) + 1, V] are the
+    model's after its last token and after each draft token. Row i decides whether draft[i]
+    stands: greedy, when it is the row's argmax; sampling, with probability p(draft[i]) under
+    the row's filtered distribution (speculative sampling with a draft that is certain of its
+    token), else a token is drawn from the rest of that distribution. The first token that
+    differs from the draft ends the run; when every draft token stands, the last row adds one
+    more. So the tokens are those one-at-a-time decoding gives (greedy) or follow its
+    distribution (sampling).
+
+    Returns the kept tokens (1 to len(draft) + 1) and their raw log-probabilities; updates the
+    state's seen tokens."""
+    if logits.ndim != 2 or logits.shape[0] != len(draft) + 1:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match a draft of {len(draft)}")
+    logp = log_softmax(logits)
+    tokens: list[int] = []
+    for i in range(len(draft) + 1):
+        choice = _pick(logits[i], state, allowed)
+        guess = draft[i] if i < len(draft) else None
+        if isinstance(choice, int):
+            token = choice
+        else:
+            assert state.generator is not None
+            if guess is not None and state.generator.random() < choice[guess]:
+                token = guess
+            else:
+                if guess is not None:
+                    choice = choice.copy()
+                    choice[guess] = 0.0
+                token = _draw(choice, state.generator)
+        state.observe(token)
+        tokens.append(token)
+        if token != guess:
+            break
+    return tokens, logp[np.arange(len(tokens)), tokens].tolist()
+
+
 def sample(
     logits: np.ndarray, states: Sequence[SamplerState], allowed: np.ndarray | None = None
 ) -> tuple[list[int], list[float]]:
@@ -92,17 +147,12 @@ def sample(
     logp = log_softmax(logits)  # [B, V]
     tokens: list[int] = []
     for i, state in enumerate(states):
-        options = state.options
-        row = logits[i]  # [V]
-        if allowed is not None:
-            row = np.where(allowed, row, -np.inf)
-        if state.seen is not None:
-            row = _penalize(row, state.seen, options.repetition_penalty)
-        if options.greedy:
-            token = int(np.argmax(row))
+        choice = _pick(logits[i], state, allowed)
+        if isinstance(choice, int):
+            token = choice
         else:
             assert state.generator is not None
-            token = _draw(_filter(row, options), state.generator)
+            token = _draw(choice, state.generator)
         state.observe(token)
         tokens.append(token)
     scores = logp[np.arange(len(tokens)), tokens].tolist()

@@ -4,8 +4,10 @@ A backend implements three calls over its KV cache (`prefill_logits`, `decode_lo
 `copy_slot`) and returns numpy float32 logits; this base runs a step of the scheduler's work
 with them: score requests first (log p(suffix | prefix) from the prefix + suffix logits), then
 prefills (the prompt run once into its first slot, its K/V copied to the other samples' slots,
-every sample's first token drawn from the last position), then decode batches, and samples all
-rows at once with `host_sampling`. It also holds the argument checks every backend shares.
+every sample's first token drawn from the last position), then decode batches, then verifies
+(a speculating sample's last token and draft run like a prompt chunk at its position, every
+position's logits kept), and samples all rows with `host_sampling`. It also holds the
+argument checks every backend shares.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from model_server.backends.host_sampling import SamplerState, log_softmax, sample
+from model_server.backends.host_sampling import SamplerState, log_softmax, sample, verify
 from model_server.engine.runner import RunnerOutput
 from model_server.engine.scheduler import SampleKey, SchedulerOutput, ScoreWork
 from sax.errors import InvalidArgumentError
@@ -198,16 +200,25 @@ class LogitsRunner(abc.ABC):
         for batch in work.decodes:
             keys.extend(batch.keys)
         logits = self.step_logits(work)  # runs non-final chunks too
-        if not keys:
+        if not keys and not work.verifies:
             return RunnerOutput(scores=scores)
-        tokens, logp = sample(logits, [states[k] for k in keys], self.allowed_tokens)
+        plain = len(keys)
+        tokens, logp = sample(logits[:plain], [states[k] for k in keys], self.allowed_tokens)
+        row = plain
+        for v in work.verifies:
+            rows = logits[row : row + len(v.tokens)]
+            row += len(v.tokens)
+            kept, kept_logp = verify(rows, states[v.key], v.draft, self.allowed_tokens)
+            keys += [v.key] * len(kept)
+            tokens += kept
+            logp += kept_logp
         return RunnerOutput(tuple(keys), tuple(tokens), tuple(logp), scores)
 
     def step_logits(self, work: SchedulerOutput) -> np.ndarray:
-        """Runs the step's prefills and decodes; returns the logits to sample from [R, V]: one
-        row per sample of each final prompt chunk (the prompt's last position; its `copies`
-        made for the other samples), then one per decode row. A backend that runs them all in
-        one pass overrides this."""
+        """Runs the step's prefills, decodes and verifies; returns the logits to sample from
+        [R, V]: one row per sample of each final prompt chunk (the prompt's last position; its
+        `copies` made for the other samples), then one per decode row, then one per token of
+        each verify. A backend that runs them all in one pass overrides this."""
         rows: list[np.ndarray] = []
         for p in work.prefills:
             last = self.prefill_blocks(p.blocks, p.chunk, all_logits=False, start=p.start)
@@ -216,6 +227,8 @@ class LogitsRunner(abc.ABC):
             rows += [last] * len(p.sampled_keys)
         for batch in work.decodes:
             rows.append(self.decode_logits(batch.slots, batch.tokens, batch.positions))  # [B, V]
+        for v in work.verifies:
+            rows.append(self.prefill_blocks(v.blocks, v.tokens, all_logits=True, start=v.position))
         if not rows:
             return np.zeros((0, self.vocab_size), np.float32)
         return np.concatenate(rows) if len(rows) > 1 else rows[0]

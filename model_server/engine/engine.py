@@ -56,6 +56,9 @@ class EngineStats:
     prefix_hit_tokens: int = 0
     # Requests preempted (their blocks taken back, resumed later) since the engine started.
     preemptions: int = 0
+    # Draft tokens of speculating samples checked by the model, and those it agreed with.
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
 
 
 @dataclass
@@ -111,12 +114,15 @@ class Engine:
             block_size=runner.block_size,
             num_blocks=runner.num_blocks,
             prefix_caching=prefix_caching,
+            speculation=runner.chunked_prefill,
         )
         self._cond = threading.Condition()
         self._active: dict[int, _Active] = {}
         self._ids = itertools.count(1)
         self._closing = False
         self._tokens = 0
+        self._drafted = 0
+        self._accepted = 0
         self._last_progress = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
@@ -171,6 +177,8 @@ class Engine:
                 prefix_queried_tokens=blocks.queried_tokens,
                 prefix_hit_tokens=blocks.hit_tokens,
                 preemptions=s.preemptions,
+                draft_tokens=self._drafted,
+                accepted_tokens=self._accepted,
             )
 
     def close(self, timeout: float = 60.0) -> bool:
@@ -239,7 +247,12 @@ class Engine:
             return
         pieces: dict[SampleKey, str] = {}
         ended: dict[SampleKey, FinishReason] = {}
+        # A verified draft gives a sample several tokens in a row: those up to one that ends it.
+        kept: dict[SampleKey, list[int]] = {}
         for key, token, lp in zip(keys, tokens, token_logp, strict=True):
+            if key in ended:
+                continue
+            kept.setdefault(key, []).append(token)
             active = self._active[key[0]]
             active.counts[key[1]] += 1
             if token in self._eos and not active.request.ignore_eos:
@@ -247,13 +260,16 @@ class Engine:
                 continue
             active.scores[key[1]] += lp
             detok = active.detoks[key[1]]
-            pieces[key] = detok.add(token)
+            pieces[key] = pieces.get(key, "") + detok.add(token)
             if detok.stopped:
                 ended[key] = FinishReason.STOP
         with self._cond:
-            result = self._scheduler.update(output, dict(zip(keys, tokens, strict=True)), ended)
+            result = self._scheduler.update(output, kept, ended)
             done = {rid: self._active.pop(rid) for rid in result.done}
-            self._tokens += len(keys)
+            self._tokens += sum(len(t) for t in kept.values())
+            for v in output.verifies:
+                self._drafted += len(v.draft)
+                self._accepted += max(len(kept.get(v.key, ())) - 1, 0)
             self._last_progress = time.monotonic()
         reasons: dict[SampleKey, FinishReason] = {}
         for f in result.finished:

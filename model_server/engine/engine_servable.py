@@ -216,6 +216,7 @@ class EngineServable:
             deadline=params.deadline,
             cancel=params.cancel,
             ignore_eos=_flag(params.values.get(IGNORE_EOS, 0.0), IGNORE_EOS),
+            speculative_tokens=params.speculative_tokens,
         )
 
     def _score_request(

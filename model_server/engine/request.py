@@ -83,6 +83,10 @@ class Request:
     cancel: threading.Event | None = field(default=None, compare=False)
     # End-of-sequence tokens do not end a sample (GENERATE; benchmarks of fixed output lengths).
     ignore_eos: bool = False
+    # Draft tokens per decode step by prompt lookup (`prompt_lookup`), checked by the model in
+    # the same pass; 0: no speculation (GENERATE). The tokens are the ones decoding one at a
+    # time would give (greedy), or follow the same distribution (sampling).
+    speculative_tokens: int = 0
 
     @property
     def slots_needed(self) -> int:

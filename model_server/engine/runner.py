@@ -21,7 +21,7 @@ class RunnerOutput:
     """What one step produced."""
 
     # One entry per prefilled or decoded sample, in the order of the work: prefills (sample
-    # order within each), then decode batches.
+    # order within each), then decode batches, then verifies (an entry per kept token).
     keys: tuple[SampleKey, ...] = ()
     # The sampled token of each key.
     tokens: tuple[int, ...] = ()
@@ -49,14 +49,15 @@ class Runner(Protocol):
 
     # Token ids the model knows: [0, vocab_size).
     vocab_size: int
-    # Whether a prompt may be prefilled in chunks over several steps (PrefillWork.start > 0).
+    # Whether a prompt may be prefilled in chunks over several steps (PrefillWork.start > 0);
+    # such a runner checks speculative drafts too (VerifyWork).
     chunked_prefill: bool
 
     def execute(self, work: SchedulerOutput) -> RunnerOutput:
         """Runs one step: forgets the sampler state of `work.released`, scores `work.scores`,
         prefills `work.prefills` into their block tables (on a prompt's final chunk, making its
-        `copies` and sampling every sample's first token; a resume samples nothing) and decodes
-        `work.decodes`."""
+        `copies` and sampling every sample's first token; a resume samples nothing), decodes
+        `work.decodes` and checks the drafts of `work.verifies` (when `chunked_prefill`)."""
         ...
 
     def close(self) -> None:

@@ -22,6 +22,13 @@ of the queue. When it runs again each of its samples refills its prompt and the 
 generated (a prefill that samples nothing, mostly from the prefix cache), then decodes on:
 nothing is lost and no request fails for want of blocks.
 
+A request with `speculative_tokens` (and a runner that can verify: `speculation`) has its
+samples guess their next tokens by prompt lookup (`prompt_lookup`). A sample with a guess runs a
+`VerifyWork` instead of a decode row: its last token and the draft, in one chunk at its position,
+in the same pass as the decodes; the runner keeps the draft tokens the model agrees with and one
+of its own. Drafts never need more decode steps or positions than the sample has left, take
+blocks only while others stay free for the growing samples, and count against the token budget.
+
 Samples that finish (EOS or stop string, decided by the engine; decode steps or slot length,
 decided here) free their blocks at once, so a new request can take them on the next step.
 
@@ -33,10 +40,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from model_server.engine.kv_cache import BlockHash, BlockPool, block_hashes, blocks_for
+from model_server.engine.prompt_lookup import PromptLookup
 from model_server.engine.request import FinishReason, Request, RequestKind, SampleOptions
 from sax.errors import (
     CancelledError,
@@ -172,6 +180,29 @@ class DecodeBatch:
 
 
 @dataclass(frozen=True)
+class VerifyWork:
+    """A speculating sample's decode: `tokens` (its last sampled token, then the draft) go to
+    positions [position, position + len(tokens)) of the sequence with block table `blocks`; the
+    runner samples a token after each and keeps them while they agree with the draft (1 to
+    len(tokens) tokens)."""
+
+    key: SampleKey
+    blocks: tuple[int, ...]
+    tokens: tuple[int, ...]
+    position: int
+
+    @property
+    def draft(self) -> tuple[int, ...]:
+        """The guessed tokens."""
+        return self.tokens[1:]
+
+    @property
+    def end(self) -> int:
+        """The position after the chunk."""
+        return self.position + len(self.tokens)
+
+
+@dataclass(frozen=True)
 class Aborted:
     """A request dropped this step (its blocks are free again); tell its caller `error`."""
 
@@ -188,6 +219,8 @@ class SchedulerOutput:
     scores: tuple[ScoreWork, ...] = ()
     prefills: tuple[PrefillWork, ...] = ()
     decodes: tuple[DecodeBatch, ...] = ()
+    # Decodes of samples with a draft, after the decode batches.
+    verifies: tuple[VerifyWork, ...] = ()
     # Samples that ended (finished, aborted) since the previous step: the runner drops their
     # sampler state.
     released: tuple[SampleKey, ...] = ()
@@ -195,6 +228,7 @@ class SchedulerOutput:
     def request_ids(self) -> set[int]:
         """Requests that run in this step."""
         ids = {w.request_id for w in self.scores} | {w.request_id for w in self.prefills}
+        ids |= {v.key[0] for v in self.verifies}
         return ids | {key[0] for batch in self.decodes for key in batch.keys}
 
 
@@ -231,6 +265,8 @@ class _Sample:
     history: list[int] = field(default_factory=list)
     # Block hashes of the sequence's leading full blocks, as far as computed (prefix cache).
     hashes: list[BlockHash] = field(default_factory=list)
+    # The n-gram index of prompt + history (speculating samples, from their first decode).
+    lookup: PromptLookup | None = None
 
     def ready(self) -> bool:
         """Whether the sample decodes this step."""
@@ -272,11 +308,13 @@ class Scheduler:
         block_size: int | None = None,
         num_blocks: int | None = None,
         prefix_caching: bool = True,
+        speculation: bool = False,
     ) -> None:
         """token_budget: tokens one step runs at most (decode rows and prompt tokens); None: no
         limit. chunked_prefill: whether the runner can prefill a sequence in chunks (and so
         start past a cached prefix). block_size / num_blocks: the KV cache's blocks (default:
-        one block of max_seq_len positions per sequence)."""
+        one block of max_seq_len positions per sequence). speculation: whether the runner runs
+        `VerifyWork` (requests' speculative_tokens are ignored otherwise)."""
         if max_queue < 0 or max_batch_size <= 0 or (token_budget is not None and token_budget < 1):
             raise ValueError(
                 f"bad limits: max_queue {max_queue}, max_batch_size {max_batch_size}, "
@@ -296,6 +334,7 @@ class Scheduler:
         self._max_batch_size = max_batch_size
         self._token_budget = token_budget
         self._chunked = chunked_prefill
+        self._speculation = speculation
         self._waiting: collections.OrderedDict[int, Request] = collections.OrderedDict()
         self._preempted: dict[int, _Running] = {}  # waiting again, with what they had made
         self._running: dict[int, _Running] = {}
@@ -410,15 +449,17 @@ class Scheduler:
         self._step += 1
         aborted = self._drop_stopped(now)
         preempted = self._grow()
-        decodes = self._decode_batches()
+        decodes, verifies = self._decode_batches()
+        decode_tokens = sum(len(b.keys) for b in decodes) + sum(len(v.tokens) for v in verifies)
         # After a preemption nothing new starts this step (it would take the blocks back).
-        scores, prefills = self._admit(sum(len(b.keys) for b in decodes), not preempted)
+        scores, prefills = self._admit(decode_tokens, not preempted)
         output = SchedulerOutput(
             step=self._step,
             aborted=tuple(aborted),
             scores=tuple(scores),
             prefills=tuple(prefills),
             decodes=decodes,
+            verifies=verifies,
             released=tuple(self._released),
         )
         self._released.clear()
@@ -428,12 +469,12 @@ class Scheduler:
     def update(
         self,
         output: SchedulerOutput,
-        tokens: Mapping[SampleKey, int],
+        tokens: Mapping[SampleKey, int | Sequence[int]],
         finished: Mapping[SampleKey, FinishReason],
     ) -> UpdateResult:
         """Records the step's sampled tokens (one per sample of a final prompt chunk and per
-        decode row) and the samples the engine finished (EOS, stop string); frees the blocks of
-        finished samples.
+        decode row; the kept ones, in order, per verify) and the samples the engine finished
+        (EOS, stop string: at their last token given); frees the blocks of finished samples.
 
         Requests aborted while the step ran are skipped (the next `schedule` drops them), so a
         failed step is closed by aborting its requests and updating with no tokens."""
@@ -463,6 +504,7 @@ class Scheduler:
                         other.filled = w.end
             steps += [(key, False) for key in w.sampled_keys]
         steps += [(key, True) for batch in output.decodes for key in batch.keys]
+        steps += [(v.key, True) for v in output.verifies]
         for key, decoded in steps:
             run = self._running.get(key[0])
             if run is None or run.abort is not None:
@@ -472,18 +514,29 @@ class Scheduler:
                 continue
             if key not in tokens:
                 raise InternalError(f"no token was sampled for sample {key}")
-            sample.token = tokens[key]
-            sample.history.append(sample.token)
-            sample.generated += 1
-            if decoded:
-                sample.position += 1
-                sample.filled += 1
-            reason = finished.get(key)
-            if reason is None and (
-                sample.generated >= run.request.max_decode_steps
-                or sample.position >= self._max_seq_len
-            ):
-                reason = FinishReason.LENGTH
+            given = tokens[key]
+            kept = (given,) if isinstance(given, int) else tuple(given)
+            if not kept:
+                raise InternalError(f"no token was sampled for sample {key}")
+            reason = None
+            for i, token in enumerate(kept):
+                sample.token = token
+                sample.history.append(token)
+                if sample.lookup is not None:
+                    sample.lookup.extend((token,))
+                sample.generated += 1
+                if decoded:
+                    sample.position += 1
+                    sample.filled += 1
+                if i == len(kept) - 1:
+                    reason = finished.get(key)
+                if reason is None and (
+                    sample.generated >= run.request.max_decode_steps
+                    or sample.position >= self._max_seq_len
+                ):
+                    reason = FinishReason.LENGTH
+                if reason is not None:
+                    break
             if reason is not None:
                 sample.live = False
                 self._pool.release(sample.blocks)
@@ -739,14 +792,23 @@ class Scheduler:
             if s.live and s.filled < s.position
         ]
 
-    def _decode_batches(self) -> tuple[DecodeBatch, ...]:
+    def _decode_batches(self) -> tuple[tuple[DecodeBatch, ...], tuple[VerifyWork, ...]]:
         rows: list[tuple[tuple[int, ...], SampleKey, int, int]] = []
+        verifies: list[VerifyWork] = []
         for request_id, run in self._running.items():
             if run.request.kind is not RequestKind.GENERATE:
                 continue
             for i, s in enumerate(run.samples):
-                if s.ready():
-                    rows.append((tuple(s.blocks), (request_id, i), s.token, s.position))  # type: ignore[arg-type]
+                if not s.ready():
+                    continue
+                assert s.token is not None
+                draft = self._draft(run, s)
+                if draft:
+                    verifies.append(
+                        VerifyWork((request_id, i), tuple(s.blocks), (s.token, *draft), s.position)
+                    )
+                else:
+                    rows.append((tuple(s.blocks), (request_id, i), s.token, s.position))
         rows.sort()
         batches = []
         for start in range(0, len(rows), self._max_batch_size):
@@ -759,7 +821,37 @@ class Scheduler:
                     positions=tuple(r[3] for r in chunk),
                 )
             )
-        return tuple(batches)
+        return tuple(batches), tuple(verifies)
+
+    def _draft(self, run: _Running, sample: _Sample) -> tuple[int, ...]:
+        """A speculating sample's guess at its next tokens (after `sample.token`), as long as
+        its decode steps, its sequence and the free blocks allow; () for the others."""
+        k = run.request.speculative_tokens
+        if not self._speculation or k <= 0:
+            return ()
+        if sample.lookup is None:
+            sample.lookup = PromptLookup(run.request.prompt + tuple(sample.history))
+        # The last draft token's successor is the model's own: a step makes up to k + 1 tokens.
+        k = min(
+            k,
+            run.request.max_decode_steps - sample.generated - 1,
+            self._max_seq_len - sample.position - 1,
+        )
+        draft = sample.lookup.propose(k)
+        if not draft:
+            return ()
+        bs = self._pool.block_size
+        needed = blocks_for(sample.position + 1 + len(draft), bs) - len(sample.blocks)
+        # Blocks for a draft come only from what the growing samples cannot need next step.
+        spare = self._pool.num_free - self._seqs_running()
+        if needed > max(spare, 0):
+            room = len(sample.blocks) * bs - sample.position - 1
+            if room <= 0:
+                return ()
+            return draft[:room]
+        if needed > 0:
+            sample.blocks += self._pool.allocate(needed)
+        return draft
 
     def _free_samples(self, run: _Running) -> None:
         generate = run.request.kind is RequestKind.GENERATE

@@ -22,6 +22,7 @@ from typing import Any
 from sax.errors import FailedPreconditionError, InvalidArgumentError
 from servables import memory, platform
 from servables.registry import register
+from servables.sampling_params import SPECULATIVE_TOKENS
 from servables.servable_config import ServableConfig
 
 # The extra input holding the stop string (or a JSON list of stop strings).
@@ -43,7 +44,9 @@ def _extra_inputs(
     mass, 1.0 keeps all. repetition_penalty: 1.0 is none. per_example_max_decode_steps: capped by
     MAX_DECODE_STEPS. seed: 0 draws a fresh seed per request. stop: a stop string, or a JSON list
     of them; "" is none. ignore_eos: non-zero keeps generating past end-of-sequence tokens (fixed
-    output lengths, as benchmarks use).
+    output lengths, as benchmarks use). speculative_tokens: draft tokens per decode step by
+    prompt lookup, checked by the model in the same pass (0: none; it pays when the output
+    repeats the prompt: summaries, edits, extraction).
     """
     return types.MappingProxyType(
         {
@@ -55,6 +58,7 @@ def _extra_inputs(
             "seed": 0.0,
             STOP: "",
             IGNORE_EOS: 0.0,
+            SPECULATIVE_TOKENS: 0.0,
         }
     )
 

@@ -141,6 +141,9 @@ def test_usage_is_the_engines_count_and_ignore_eos_runs_to_the_limit(
     assert reason == "length" and long_usage.completion_tokens == 48
     assert full.startswith(text) and len(full) > len(text)
     assert long_usage.prompt_tokens == usage.prompt_tokens > 10
+    # Prompt lookup changes how many steps it takes, not the greedy text or its count.
+    drafted, reason, drafted_usage = streamed(ignore_eos=True, speculative_tokens=4)
+    assert (drafted, reason, drafted_usage.completion_tokens) == (full, "length", 48)
     with pytest.raises(openai.BadRequestError, match="min_p"):
         client.completions.create(model="smollm2", prompt=prompt, extra_body={"min_p": 0.1})
 

@@ -33,6 +33,7 @@ EXTRA_INPUT_KEYS = {
     "seed",
     "stop",
     "ignore_eos",
+    "speculative_tokens",
 }
 
 

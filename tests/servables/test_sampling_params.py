@@ -24,6 +24,8 @@ def test_engine_keys_and_their_defaults() -> None:
     assert (p.deadline, p.cancel) == (None, None) and not p.cancelled()
     p = params(CONFIG, top_k=40, top_p=0.75, repetition_penalty=1.25, stop="\n")
     assert (p.top_k, p.top_p, p.repetition_penalty, p.stop) == (40, 0.75, 1.25, ("\n",))
+    assert SamplingParams.defaults(CONFIG).speculative_tokens == 0
+    assert params(CONFIG, speculative_tokens=16).speculative_tokens == 16
 
 
 @pytest.mark.parametrize(
@@ -35,6 +37,8 @@ def test_engine_keys_and_their_defaults() -> None:
         {"top_p": 1.5},
         {"repetition_penalty": 0.0},
         {"repetition_penalty": -1.0},
+        {"speculative_tokens": 17},
+        {"speculative_tokens": 1.5},
         {"top_k": "3"},
         {"nucleus": 0.5},
     ],

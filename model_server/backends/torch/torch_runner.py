@@ -8,7 +8,8 @@ in a step comes with its block table. An engine step runs in one pass through th
 of long ones: the runner prefills in chunks) and every decode row share each layer's matrix
 products. Prompts and decode batches run at their exact size (eager torch gains nothing from
 padding); decode rows attend to their blocks up to the group's longest sequence rounded up to
-SPAN_STEP, in groups of at most the largest BATCH_SIZE.
+SPAN_STEP, in groups of at most the largest BATCH_SIZE. A speculating sample's draft runs as a
+chunk at its position, every position's logits kept.
 
 The slot calls of `LogitsRunner` (`prefill_logits`, `decode_logits`, `copy_slot`) see slot s as
 the fixed block table s * per_slot, ..., (s + 1) * per_slot - 1 (per_slot blocks hold a
@@ -237,6 +238,12 @@ class TorchRunner(RunnerChecks, LogitsRunner):
             wanted += range(len(tokens), len(tokens) + len(batch.tokens))
             parts += self._decode_parts(batch.blocks, batch.positions)
             tokens += batch.tokens
+        for v in work.verifies:  # like a prompt chunk, every position sampled
+            self._check_prefill(None, v.tokens, v.position)
+            self._check_table(v.blocks, v.end)
+            parts.append(Chunk(v.blocks, v.position, len(v.tokens)))
+            wanted += range(len(tokens), len(tokens) + len(v.tokens))
+            tokens += v.tokens
         if not parts:
             return np.zeros((0, self.vocab_size), np.float32)
         with self._lock, torch.inference_mode():

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from model_server.backends.host_sampling import SamplerState, log_softmax, sample
+from model_server.backends.host_sampling import SamplerState, log_softmax, sample, verify
 from model_server.engine.request import SampleOptions
 
 V = 50
@@ -114,3 +114,54 @@ def test_allowed_tokens_restrict_the_choice_not_the_score() -> None:
     assert scores[0] == pytest.approx(float(log_softmax(x)[0, tokens[0]]), abs=1e-9)
     sampled = SamplerState(SampleOptions(temperature=5.0, seed=2), V, ())
     assert {sample(x, [sampled], allowed)[0][0] for _ in range(100)} == {3, 9}
+
+
+def peaked(best: list[int]) -> np.ndarray:
+    """Rows whose argmax is best[i]."""
+    x = logits(seed=4, rows=len(best))
+    x[np.arange(len(best)), best] += 20.0
+    return x
+
+
+def test_verify_greedy_keeps_the_agreeing_draft_and_adds_the_models_token() -> None:
+    x = peaked([3, 9, 4, 7])
+    greedy = SampleOptions()
+    for draft, kept in (
+        ((3, 9, 4), [3, 9, 4, 7]),  # all stand: the last row adds one
+        ((3, 9, 1), [3, 9, 4]),  # the first disagreement is replaced and ends the run
+        ((5, 9, 4), [3]),
+    ):
+        tokens, logp = verify(x, SamplerState(greedy, V, ()), draft)
+        assert tokens == kept
+        assert logp == pytest.approx(log_softmax(x)[np.arange(len(kept)), kept].tolist())
+    with pytest.raises(ValueError):
+        verify(x, SamplerState(greedy, V, ()), (3, 9))
+
+
+def test_verify_greedy_applies_the_penalty_row_by_row() -> None:
+    # Token 3 is best in both rows, 8 second; with a penalty 3 cannot repeat.
+    x = np.full((2, V), -5.0, np.float32)
+    x[:, 3], x[:, 8] = 4.0, 3.0
+    state = SamplerState(SampleOptions(repetition_penalty=2.0), V, ())
+    assert verify(x, state, (3,))[0] == [3, 8]
+    assert state.seen is not None and state.seen[[3, 8]].all()
+
+
+def test_verify_sampling_keeps_the_models_distribution() -> None:
+    # One row over four tokens: whatever the draft, the first kept token follows p, and the
+    # draft stands with probability p(draft).
+    v = 4
+    row = np.log(np.array([[0.5, 0.3, 0.15, 0.05], [0.25] * 4], np.float32))
+    p = np.exp(row[0])
+    n = 20_000
+    for guess in (0, 3):
+        first = np.zeros(v)
+        stood = 0
+        for seed in range(n):
+            state = SamplerState(SampleOptions(temperature=1.0, seed=seed), v, ())
+            tokens, _ = verify(row, state, (guess,))
+            first[tokens[0]] += 1
+            stood += tokens[0] == guess
+            assert len(tokens) == (2 if tokens[0] == guess else 1)
+        assert first / n == pytest.approx(p, abs=0.015)
+        assert stood / n == pytest.approx(p[guess], abs=0.015)

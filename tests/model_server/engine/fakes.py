@@ -4,7 +4,8 @@ real per-slot token cache, and a small config.
 Token ids 0..255 are the UTF-8 bytes of the text; 256.. are special tokens. The fake runner's
 logits at a position depend on every token of its slot up to that position (a rolling hash), so
 a slot, position or copy mix-up changes the output; `reference_greedy` replays the same rule on a
-plain list to give the expected continuation.
+plain list to give the expected continuation. With `order` n the logits depend on the last n
+tokens only (an n-gram model: greedy text falls into loops, which prompt lookup predicts).
 """
 
 from __future__ import annotations
@@ -101,12 +102,19 @@ def logits_after(h: int, eos_period: int = 0) -> np.ndarray:
     return x
 
 
-def reference_greedy(prompt: Sequence[int], steps: int, eos_period: int = 0) -> list[int]:
+def window_hash(tokens: Sequence[int], order: int) -> int:
+    """The hash the fake model's next logits follow: of every token, or of the last `order`."""
+    return context_hashes(tokens[-order:] if order else tokens)[-1]
+
+
+def reference_greedy(
+    prompt: Sequence[int], steps: int, eos_period: int = 0, order: int = 0
+) -> list[int]:
     """The greedy continuation (EOS included if produced) computed without a cache."""
     tokens = list(prompt)
     out: list[int] = []
     for _ in range(steps):
-        nxt = int(np.argmax(logits_after(context_hashes(tokens)[-1], eos_period)))
+        nxt = int(np.argmax(logits_after(window_hash(tokens, order), eos_period)))
         out.append(nxt)
         if nxt == EOS:
             break
@@ -128,17 +136,29 @@ class FakeRunner(LogitsRunner):
         *,
         eos_period: int = 0,
         gate: threading.Semaphore | None = None,
+        order: int = 0,
     ) -> None:
         super().__init__()
         self.num_slots = num_slots
         self.max_seq_len = max_seq_len
         self.vocab_size = VOCAB_SIZE
         self.eos_period = eos_period
+        self.order = order
         self.gate = gate
         self.fail_decodes = 0
         self.closed = False
         self.log: list[tuple[Any, ...]] = []
         self._hashes: list[list[int | None]] = [[None] * max_seq_len for _ in range(num_slots)]
+        self._tokens: list[list[int]] = [[-1] * max_seq_len for _ in range(num_slots)]
+
+    def _logits(self, slot: int, pos: int) -> np.ndarray:
+        """The logits after position `pos` of a slot."""
+        h = self._hashes[slot][pos]
+        assert h is not None
+        if self.order:
+            window = self._tokens[slot][max(0, pos - self.order + 1) : pos + 1]
+            h = window_hash(window, self.order)
+        return logits_after(h, self.eos_period)
 
     chunked_prefill = True
 
@@ -160,8 +180,9 @@ class FakeRunner(LogitsRunner):
             hashes = context_hashes(tokens)
         row[start:end] = hashes
         row[end:] = [None] * (self.max_seq_len - end)
-        wanted = hashes if all_logits else hashes[-1:]
-        return np.stack([logits_after(h, self.eos_period) for h in wanted])
+        self._tokens[slot][start:end] = tokens
+        wanted = range(start, end) if all_logits else [end - 1]
+        return np.stack([self._logits(slot, p) for p in wanted])
 
     def decode_logits(
         self, slots: Sequence[int], tokens: Sequence[int], positions: Sequence[int]
@@ -177,13 +198,15 @@ class FakeRunner(LogitsRunner):
         for slot, token, pos in zip(slots, tokens, positions, strict=True):
             before = self._hashes[slot][pos - 1]
             assert before is not None, f"slot {slot} has nothing at position {pos - 1}"
-            self._hashes[slot][pos] = h = _mix(before, token)
-            rows.append(logits_after(h, self.eos_period))
+            self._hashes[slot][pos] = _mix(before, token)
+            self._tokens[slot][pos] = token
+            rows.append(self._logits(slot, pos))
         return np.stack(rows)
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         self.log.append(("copy", src, dst, length))
         self._hashes[dst][:length] = self._hashes[src][:length]
+        self._tokens[dst][:length] = self._tokens[src][:length]
 
     def close(self) -> None:
         self.closed = True
@@ -199,6 +222,7 @@ def _extra_inputs() -> Mapping[str, Any]:
             "per_example_max_decode_steps": 24.0,
             "seed": 0.0,
             "stop": "",
+            "speculative_tokens": 0.0,
         }
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import pathlib
 import threading
 import time
@@ -420,6 +421,34 @@ def test_finish_reasons_reach_the_outputs(tmp_path: pathlib.Path) -> None:
     assert ["".join(o.samples[i].text for o in outputs) for i in (0, 1)] == [full[:3]] * 2
 
 
+def run_all(
+    engine: Engine, requests: list[tuple[tuple[int, ...], int, int, int]]
+) -> dict[int, list[RequestOutput]]:
+    """Submits (prompt, samples, max decode steps, speculative tokens) greedy requests at once
+    and waits for them all; returns each request's outputs by request id (submission order)."""
+    outputs: dict[int, list[RequestOutput]] = {}
+    lock = threading.Lock()
+    for prompt, samples, steps, k in requests:
+        rid = engine.new_request_id()
+        outputs[rid] = []
+
+        def put(output: RequestOutput, rid: int = rid) -> None:
+            with lock:
+                outputs[rid].append(output)
+
+        request = Request(
+            rid,
+            RequestKind.GENERATE,
+            prompt,
+            samples=(SampleOptions(),) * samples,
+            max_decode_steps=steps,
+            speculative_tokens=k,
+        )
+        engine.submit(request, put)
+    wait_for(lambda: all(o and o[-1].finished for o in outputs.values()), what="all requests done")
+    return outputs
+
+
 def test_chunked_prefill_gives_the_tokens_of_whole_prompts(tmp_path: pathlib.Path) -> None:
     """With a budget of 6 tokens a step, prompts of 10 to 30 tokens are prefilled in chunks
     beside the running decodes; every text still equals the cache-free reference."""
@@ -429,27 +458,9 @@ def test_chunked_prefill_gives_the_tokens_of_whole_prompts(tmp_path: pathlib.Pat
         runner, decode=tok.decode, eos_ids=[EOS], max_queue=8, max_batch_size=4, token_budget=6
     )
     prompts = ["a longer prompt, chunked", "short one", "x" * 30, "the fourth of them"]
-    outputs: dict[int, list[RequestOutput]] = {}
-    lock = threading.Lock()
     try:
-        for i, prompt in enumerate(prompts):
-            rid = engine.new_request_id()
-            outputs[rid] = []
-
-            def put(output: RequestOutput, rid: int = rid) -> None:
-                with lock:
-                    outputs[rid].append(output)
-
-            request = Request(
-                rid,
-                RequestKind.GENERATE,
-                tuple(tok.encode(prompt)),
-                samples=(SampleOptions(),) * (1 + i % 2),
-                max_decode_steps=8,
-            )
-            engine.submit(request, put)
-        wait_for(
-            lambda: all(o and o[-1].finished for o in outputs.values()), what="all requests done"
+        outputs = run_all(
+            engine, [(tuple(tok.encode(p)), 1 + i % 2, 8, 0) for i, p in enumerate(prompts)]
         )
     finally:
         engine.close()
@@ -461,3 +472,63 @@ def test_chunked_prefill_gives_the_tokens_of_whole_prompts(tmp_path: pathlib.Pat
             "".join(s.text for o in outs for s in o.samples if s.index == i) for i in range(samples)
         ]
         assert texts == [expected(tok, prompt, 8)] * samples, rid
+
+
+def quoting(tok: Tokenizer, start: str) -> str:
+    """A prompt that quotes what a bigram fake model makes after `start`, then ends like
+    `start`: the model's answer repeats the quote, as prompt lookup guesses."""
+    made = tok.decode(reference_greedy(tok.encode(start), 12, order=1))
+    return start + made + start[-2:]
+
+
+def test_speculation_gives_the_greedy_tokens_and_keeps_the_drafts_it_agrees_with(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Over a bigram fake model, speculating and plain requests run side by side, one with two
+    samples, under a small budget: every text equals the cache-free reference, and drafts were
+    kept: a speculating sample got several tokens from one step."""
+    runner = FakeRunner(num_slots=6, order=1, eos_period=0)
+    tok = Tokenizer.from_dir(write_tokenizer(tmp_path))
+    engine = Engine(
+        runner, decode=tok.decode, eos_ids=[EOS], max_queue=8, max_batch_size=4, token_budget=10
+    )
+    cases = [
+        (quoting(tok, "loop along"), 4, 1),
+        ("plain one", 0, 1),
+        (quoting(tok, "two samples"), 8, 2),
+        (quoting(tok, "more"), 2, 1),
+    ]
+    try:
+        outputs = run_all(engine, [(tuple(tok.encode(p)), n, 24, k) for p, k, n in cases])
+        stats = engine.stats()
+    finally:
+        engine.close()
+    for (rid, outs), (prompt, _, samples) in zip(sorted(outputs.items()), cases, strict=True):
+        assert all(o.error is None for o in outs)
+        want = reference_greedy(tok.encode(prompt), 24, order=1)
+        for i in range(samples):
+            text = "".join(s.text for o in outs for s in o.samples if s.index == i)
+            assert text == tok.decode(want), (rid, i)
+            last = next(s for s in outs[-1].samples if s.index == i)
+            assert (last.num_tokens, last.finish_reason) == (24, FinishReason.LENGTH)
+            counts = [s.num_tokens for o in outs for s in o.samples if s.index == i]
+            jumps = {b - a for a, b in itertools.pairwise([0, *counts])}
+            assert (max(jumps) > 1) == (cases[rid - 1][1] > 0), (rid, i)  # kept drafts
+    assert 0 < stats.accepted_tokens <= stats.draft_tokens
+    assert stats.tokens == 24 * 5
+
+
+def test_a_stop_string_inside_a_kept_draft_ends_the_sample_there(tmp_path: pathlib.Path) -> None:
+    servable, _, tok = build_servable(tmp_path, order=1)
+    try:
+        prompt = quoting(tok, "loop")
+        want = tok.decode(reference_greedy(tok.encode(prompt), 24, order=1))
+        stop = want[6:8]  # within the quote, where drafts are kept
+        first = want.index(stop)
+        ((text, _, *_),) = servable.generate(
+            prompt, params(CONFIG, speculative_tokens=6, stop=stop)
+        )
+        assert text == want[:first]
+        assert servable.stats().accepted_tokens > 0
+    finally:
+        servable.close()

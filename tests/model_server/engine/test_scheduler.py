@@ -531,3 +531,65 @@ def test_abort_of_a_preempted_request_releases_its_samples() -> None:
     assert s.abort(2, CancelledError("gone"))
     out = s.schedule(0.0)
     assert [a.request_id for a in out.aborted] == [2] and (2, 0) in out.released
+
+
+def speculating(rid: int, prompt: tuple[int, ...], steps: int, k: int = 3) -> Request:
+    return Request(
+        rid,
+        RequestKind.GENERATE,
+        prompt,
+        (SampleOptions(),),
+        max_decode_steps=steps,
+        speculative_tokens=k,
+    )
+
+
+def test_a_repeating_sequence_is_verified_and_every_kept_token_advances_it() -> None:
+    s = paged(speculation=True)
+    s.add(speculating(1, (1, 2, 3, 1, 2), steps=8))
+    out = s.schedule(0.0)
+    s.update(out, {(1, 0): 3}, {})  # the sequence is 1 2 3 1 2 3: "1 2 3" came before
+    out = s.schedule(0.0)
+    assert out.decodes == ()
+    (v,) = out.verifies
+    assert (v.key, v.tokens, v.draft, v.position, v.end) == ((1, 0), (3, 1, 2, 3), (1, 2, 3), 5, 9)
+    assert len(v.blocks) * 4 >= v.end  # blocks for the whole draft
+    assert step_tokens(out) + len(v.tokens) == 4
+    # The model kept two draft tokens and made its own third: three tokens, position 8.
+    result = s.update(out, {(1, 0): (1, 2, 9)}, {})
+    assert result.finished == ()
+    out = s.schedule(0.0)  # no tail of "... 3 1 2 9" came before: a plain decode row
+    assert out.verifies == () and out.decodes[0].positions == (8,)
+    s.update(out, {(1, 0): 1}, {})
+    out = s.schedule(0.0)
+    s.update(out, {(1, 0): 2}, {})
+    # "1 2" came before, followed by "9 1 2", but two decode steps are left: one draft token.
+    out = s.schedule(0.0)
+    (v,) = out.verifies
+    assert (v.tokens, v.position) == ((2, 9), 10)
+    result = s.update(out, {(1, 0): (9, 4)}, {})
+    assert [(f.key, f.reason) for f in result.finished] == [((1, 0), FinishReason.LENGTH)]
+    assert result.done == (1,) and s.pool.num_free == 16
+
+
+def test_a_draft_takes_no_block_a_growing_sample_may_need() -> None:
+    s = paged(num_blocks=3, speculation=True)
+    s.add(speculating(1, (1, 2, 3, 1, 2), steps=7))
+    out = s.schedule(0.0)
+    s.update(out, {(1, 0): 3}, {})
+    out = s.schedule(0.0)
+    # The draft "1 2 3" would need the last free block: it keeps to the two it holds.
+    (v,) = out.verifies
+    assert v.draft == (1, 2) and len(v.blocks) == 2 and s.pool.num_free == 1
+
+
+def test_without_speculation_or_a_match_samples_decode_one_token() -> None:
+    # A runner that cannot verify: the request's speculative_tokens are ignored. With one,
+    # "... 1 2 4" has no earlier tail to follow.
+    for speculation, token in ((False, 3), (True, 4)):
+        s = paged(speculation=speculation)
+        s.add(speculating(1, (1, 2, 3, 1, 2), steps=8))
+        out = s.schedule(0.0)
+        s.update(out, {(1, 0): token}, {})
+        out = s.schedule(0.0)
+        assert out.verifies == () and out.decodes[0].keys == ((1, 0),)

@@ -33,7 +33,11 @@ def prompts() -> list[tuple[int, ...]]:
 
 
 def run(
-    config: LlamaConfig, batch: Sequence[Sequence[tuple[int, ...]]], prefix_caching: bool = True
+    config: LlamaConfig,
+    batch: Sequence[Sequence[tuple[int, ...]]],
+    prefix_caching: bool = True,
+    speculative_tokens: int = 0,
+    steps: int = STEPS,
 ) -> tuple[list[list[int]], Engine]:
     """Greedy tokens of every prompt; `batch` holds groups submitted together, each group
     after the previous one is done."""
@@ -58,7 +62,8 @@ def run(
                     RequestKind.GENERATE,
                     prompt,
                     (SampleOptions(),),
-                    max_decode_steps=STEPS,
+                    max_decode_steps=steps,
+                    speculative_tokens=speculative_tokens,
                 )
                 engine.submit(request, sink.put)
                 sinks.append(sink)
@@ -96,3 +101,12 @@ def test_preempted_requests_give_the_tokens_of_cold_runs() -> None:
     squeezed, engine = run(small, [prompts()], prefix_caching=False)
     assert engine.stats().preemptions >= 1
     assert squeezed == cold
+
+
+def test_speculating_requests_give_the_tokens_of_plain_ones() -> None:
+    """Drafts checked in the same pass as other samples' decode rows change no greedy token."""
+    plain, _ = run(PAGED, [prompts()], prefix_caching=False, steps=24)
+    drafted, engine = run(PAGED, [prompts()], prefix_caching=False, speculative_tokens=4, steps=24)
+    stats = engine.stats()
+    assert drafted == plain
+    assert stats.draft_tokens > 0 and stats.accepted_tokens > 0
