@@ -795,6 +795,7 @@ class Scheduler:
     def _decode_batches(self) -> tuple[tuple[DecodeBatch, ...], tuple[VerifyWork, ...]]:
         rows: list[tuple[tuple[int, ...], SampleKey, int, int]] = []
         verifies: list[VerifyWork] = []
+        growing = self._seqs_running()  # blocks a draft leaves free: one per running sample
         for request_id, run in self._running.items():
             if run.request.kind is not RequestKind.GENERATE:
                 continue
@@ -802,7 +803,7 @@ class Scheduler:
                 if not s.ready():
                     continue
                 assert s.token is not None
-                draft = self._draft(run, s)
+                draft = self._draft(run, s, growing)
                 if draft:
                     verifies.append(
                         VerifyWork((request_id, i), tuple(s.blocks), (s.token, *draft), s.position)
@@ -823,9 +824,10 @@ class Scheduler:
             )
         return tuple(batches), tuple(verifies)
 
-    def _draft(self, run: _Running, sample: _Sample) -> tuple[int, ...]:
+    def _draft(self, run: _Running, sample: _Sample, reserve: int) -> tuple[int, ...]:
         """A speculating sample's guess at its next tokens (after `sample.token`), as long as
-        its decode steps, its sequence and the free blocks allow; () for the others."""
+        its decode steps, its sequence and the free blocks beyond `reserve` allow; () for the
+        others."""
         k = run.request.speculative_tokens
         if not self._speculation or k <= 0:
             return ()
@@ -843,7 +845,7 @@ class Scheduler:
         bs = self._pool.block_size
         needed = blocks_for(sample.position + 1 + len(draft), bs) - len(sample.blocks)
         # Blocks for a draft come only from what the growing samples cannot need next step.
-        spare = self._pool.num_free - self._seqs_running()
+        spare = self._pool.num_free - reserve
         if needed > max(spare, 0):
             room = len(sample.blocks) * bs - sample.position - 1
             if room <= 0:
