@@ -2,7 +2,8 @@
 and the benchmarks.
 
 Every model is served by the engine (`EngineServable`) over a backend's runner: TinyLM (test
-mode, random weights) on the numpy backend, Llama configs on torch or JAX. Backends are
+mode, random weights) on the numpy backend, Llama configs on torch or JAX, BLOOM configs on
+torch. Backends are
 imported only when a config needs them, so loading a TinyLM imports neither torch nor JAX.
 """
 
@@ -79,8 +80,8 @@ def build_servable(
     checkpoint. `backend` is "torch", "jax" or "" (`default_backend` of the chip); `timings`
     receives the seconds of each load phase. FAILED_PRECONDITION when no backend serves the
     config's type, or the checkpoint is incomplete or does not fit the config."""
-    from servables.configs.llama import LlamaConfig
     from servables.configs.test import TinyLM
+    from servables.decoder_config import DecoderConfig
 
     times: Timings = {} if timings is None else timings
     started = time.perf_counter()
@@ -91,7 +92,7 @@ def build_servable(
         servable = EngineServable(config, TinyRunner(config), ByteTokenizer())
         times["build_s"] = time.perf_counter() - started
         return servable
-    if not isinstance(config, LlamaConfig):
+    if not isinstance(config, DecoderConfig):
         raise FailedPreconditionError(
             f"no engine can serve configs of type {type(config).__name__} "
             f"(checkpoint {checkpoint_path!r})"

@@ -1,8 +1,10 @@
-"""Memory arithmetic of Llama-style models: weight bytes, KV cache, activations, largest layer.
+"""Memory arithmetic of decoder models (Llama, BLOOM): weight bytes, KV cache, activations,
+largest layer.
 
 The one place these figures are computed, from an architecture's tensor shapes and KV cache size
-(`servables.servable_config.Architecture`, e.g. `LlamaArchitecture`): `LlamaConfig.memory_bytes()`,
-`saxutil estimate` and the admin's placement all use `estimate_llama` / `estimate_memory`.
+(`servables.servable_config.Architecture`, e.g. `LlamaArchitecture`):
+`DecoderConfig.memory_bytes()`, `saxutil estimate` and the admin's placement all use
+`estimate_config` / `estimate_memory`.
 Import-light (no torch).
 
 Conventions:
@@ -38,7 +40,10 @@ QUANTIZATIONS = ("none", "int8", "int4")
 # Bytes of one int4 group's bfloat16 scale and zero.
 _INT4_GROUP_BYTES = 4
 _HEAD = "lm_head.weight"
-_LAYER_RE = re.compile(r"^(model\.layers\.\d+)\.")
+# A decoder layer's tensors (Llama's "model.layers.N.", BLOOM's "transformer.h.N.").
+LAYER_RE = re.compile(r"^((?:model\.layers|transformer\.h)\.\d+)\.")
+# The token embeddings a tied output projection reuses.
+EMBEDDINGS = ("model.embed_tokens.weight", "transformer.word_embeddings.weight")
 
 
 @dataclass(frozen=True)
@@ -82,9 +87,10 @@ def dtype_bytes(dtype: str) -> int:
 
 
 def layer_of(name: str) -> str:
-    """The block a tensor belongs to: "model.layers.3" for a decoder-layer tensor, else the
+    """The block a tensor belongs to: "model.layers.3" (or "transformer.h.3") for a decoder-layer
+    tensor, else the
     tensor's own name without ".weight"."""
-    match = _LAYER_RE.match(name)
+    match = LAYER_RE.match(name)
     return match.group(1) if match else name.removesuffix(".weight")
 
 
@@ -108,7 +114,7 @@ def tensor_bytes(
                 f"unknown quantization {q!r}; use one of {', '.join(QUANTIZATIONS)}"
             )
     count, size = math.prod(shape), dtype_bytes(dtype)
-    served = head if name == _HEAD else quantization if _LAYER_RE.match(name) else "none"
+    served = head if name == _HEAD else quantization if LAYER_RE.match(name) else "none"
     if served == "none" or len(shape) != 2:
         return count * size
     rows, columns = int(shape[0]), int(shape[1])
@@ -136,7 +142,7 @@ def estimate_memory(
     lm_head.weight among the shapes) counts as a copy of the embeddings."""
     shapes = dict(arch.tensor_shapes() if tensor_shapes is None else tensor_shapes)
     head = quantization if head_quantization is None else head_quantization
-    embed = shapes.get("model.embed_tokens.weight")
+    embed = next((shapes[n] for n in EMBEDDINGS if n in shapes), None)
     if head != "none" and _HEAD not in shapes and embed is not None:
         shapes[_HEAD] = embed
     layers: dict[str, int] = {}
@@ -162,7 +168,7 @@ def estimate_memory(
     )
 
 
-def estimate_llama(
+def estimate_config(
     config: ServableConfig,
     *,
     dtype: str | None = None,
@@ -170,20 +176,20 @@ def estimate_llama(
     batch_size: int | None = None,
     seq_len: int | None = None,
 ) -> MemoryEstimate:
-    """The estimate of a servable config with an architecture (a `LlamaConfig`).
+    """The estimate of a servable config with an architecture (a `DecoderConfig`).
 
     dtype, quantization, batch_size and seq_len default to the config's dtype, quantization,
     max(batch_sizes) and input_seq_len + max_decode_steps; the LM head takes the config's
     lm_head_quantization when quantization is not "none". With the defaults, weight_bytes,
-    kv_bytes_per_token and total_bytes are `LlamaConfig.weight_bytes()`,
+    kv_bytes_per_token and total_bytes are `DecoderConfig.weight_bytes()`,
     `kv_cache_bytes_per_token()` and `memory_bytes()` (without a `ram` override).
     INVALID_ARGUMENT for a config without an architecture (test mode).
     """
     arch = config.architecture()
     if arch is None:
         raise InvalidArgumentError(
-            f"{type(config).__name__} is not a Llama config (it has no architecture); use a "
-            "llama.* config"
+            f"{type(config).__name__} has no architecture (a test-mode config); use a "
+            "llama.* or bloom.* config"
         )
     quantization = quantization or config.quantization
     head = getattr(config, "lm_head_quantization", None) if quantization != "none" else "none"

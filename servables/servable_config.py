@@ -29,7 +29,33 @@ def _frozen_dict(d: Mapping[str, Any]) -> Mapping[str, Any]:
 
 class Architecture(Protocol):
     """The shape of one model family's network: what its checkpoints' config.json says and what
-    its weights, KV cache and memory follow (e.g. `servables.configs.llama.LlamaArchitecture`)."""
+    its weights, KV cache and memory follow (e.g. `servables.configs.llama.LlamaArchitecture`,
+    `servables.configs.bloom.BloomArchitecture`)."""
+
+    @property
+    def num_layers(self) -> int:
+        """Decoder layers."""
+        ...
+
+    @property
+    def num_heads(self) -> int:
+        """Query heads."""
+        ...
+
+    @property
+    def num_kv_heads(self) -> int:
+        """Key/value heads."""
+        ...
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        ...
+
+    @property
+    def model_dim(self) -> int:
+        """Residual width."""
+        ...
 
     @property
     def vocab_size(self) -> int:
@@ -39,6 +65,24 @@ class Architecture(Protocol):
     @property
     def hidden_dim(self) -> int:
         """Width of the MLP's inner activations."""
+        ...
+
+    @property
+    def max_seq_len(self) -> int:
+        """Positions the model serves at most."""
+        ...
+
+    @property
+    def tie_embeddings(self) -> bool:
+        """Whether the output projection is the token embeddings."""
+        ...
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The architecture keys of a Hugging Face config.json."""
+        ...
+
+    def validate(self) -> None:
+        """INVALID_ARGUMENT naming the first bad value."""
         ...
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:

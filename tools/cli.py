@@ -179,24 +179,26 @@ def estimates(
     """(what was estimated, [MemoryEstimate per ESTIMATE_ROWS]) for a registered config name or
     a checkpoint path. A checkpoint has no serving shape: batch_size defaults to 1 and seq_len to
     the model's max_position_embeddings."""
-    from servables.configs.llama import LlamaArchitecture
-    from servables.memory import estimate_llama, estimate_memory
+    from servables import families
+    from servables.memory import estimate_config, estimate_memory
 
     if not _is_checkpoint_path(target):
         from servables import registry
 
         config = registry.get(target)
         rows = [
-            estimate_llama(config, dtype=dt, quantization=q, batch_size=batch_size, seq_len=seq_len)
+            estimate_config(
+                config, dtype=dt, quantization=q, batch_size=batch_size, seq_len=seq_len
+            )
             for _, dt, q in ESTIMATE_ROWS
         ]
         return f"config {target}", rows
     from servables.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(target)
-    shape = LlamaArchitecture.from_hf_config(ckpt.config)
+    shape = families.architecture(ckpt.config, ckpt.path)
     shapes = {name: dims for name, (_, dims) in ckpt.tensor_info().items()}
-    seq = seq_len if seq_len is not None else int(ckpt.config.get("max_position_embeddings", 0))
+    seq = seq_len if seq_len is not None else shape.max_seq_len
     rows = [
         estimate_memory(
             shape,

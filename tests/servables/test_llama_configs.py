@@ -186,7 +186,7 @@ def test_memory_estimate() -> None:
     int4 = apply_overrides(c7, {"QUANTIZATION": '"int4"'})  # 0.5 byte + 4 bytes per 32 values
     assert 0.3 < int4.weight_bytes() / c7.weight_bytes() < 0.35
     for config in (c7, smol, int8, int4):  # one source of truth for the admin and the CLI
-        assert config.memory_bytes() == memory.estimate_llama(config).total_bytes
+        assert config.memory_bytes() == memory.estimate_config(config).total_bytes
 
 
 def test_config_module_does_not_import_torch() -> None:

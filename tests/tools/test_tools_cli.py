@@ -172,4 +172,4 @@ def test_estimate_a_registered_config(capsys: pytest.CaptureFixture[str]) -> Non
     code, _, err = run(capsys, "estimate", "nope.Nothing")
     assert code == 1 and "NOT_FOUND" in err and "llama.SmolLM2_135M" in err
     code, _, err = run(capsys, "estimate", "test.TinyLM")
-    assert code == 1 and "not a Llama config" in err
+    assert code == 1 and "has no architecture" in err

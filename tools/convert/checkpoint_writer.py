@@ -289,15 +289,20 @@ def _abspath(path: str) -> str:
 
 
 def check_tensors(
-    sources: Sequence[TensorSource], expected: Mapping[str, Sequence[int]], what: str
+    sources: Sequence[TensorSource],
+    expected: Mapping[str, Sequence[int]],
+    what: str,
+    *,
+    family: str = "llama",
 ) -> None:
-    """INVALID_ARGUMENT unless the sources are exactly the expected names and shapes."""
+    """INVALID_ARGUMENT unless the sources are exactly the expected names and shapes (of a
+    model of `family`, which the message names)."""
     got = {t.name: tuple(t.shape) for t in sources}
     missing = sorted(set(expected) - set(got), key=natural_key)
     extra = sorted(set(got) - set(expected), key=natural_key)
     if missing or extra:
         raise InvalidArgumentError(
-            f"{what} does not hold a Llama model with the config's shapes: missing "
+            f"{what} does not hold a {family} model with the config's shapes: missing "
             f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
             f"{extra[:5]}{'...' if len(extra) > 5 else ''}"
         )

@@ -1,5 +1,10 @@
-"""Hugging Face Llama folder -> checkpoint: config.json plus safetensors (sharded with an index,
-or single) or pytorch_model*.bin, and the tokenizer files copied.
+"""Hugging Face folder (Llama or BLOOM) -> checkpoint: config.json plus safetensors (sharded
+with an index, or single) or pytorch_model*.bin, and the tokenizer files copied.
+
+The config.json's `model_type` picks the family (`servables.families`); tensors keep
+transformers' names (BLOOM's original releases, saved without the `transformer.` prefix, get
+it). A BLOOM tokenizer without a chat template gets Firefly's (`FIREFLY_CHAT_TEMPLATE`), the
+family's chat format.
 
 safetensors files are read without torch or mmap: the header (read with the `safetensors`
 library, `servables.checkpoint.read_safetensors`) gives each tensor's bytes, and rows are read
@@ -10,6 +15,7 @@ each chunk.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import logging
@@ -21,8 +27,10 @@ from typing import Any
 import numpy as np
 
 from sax.errors import InvalidArgumentError
+from servables import families
+from servables.chat_template import TOKENIZER_CONFIG
 from servables.checkpoint import read_safetensors
-from servables.configs.llama import LlamaArchitecture
+from servables.configs.bloom import FIREFLY_CHAT_TEMPLATE
 from tools.convert import torch_io
 from tools.convert.checkpoint_writer import (
     DTYPES,
@@ -30,13 +38,14 @@ from tools.convert.checkpoint_writer import (
     TensorSource,
     cast,
     check_tensors,
+    json_bytes,
     row_chunks,
 )
 from tools.convert.tokenizer_files import hf_tokenizer_files
 
 logger = logging.getLogger(__name__)
 
-MODEL_TYPES = ("llama",)
+MODEL_TYPES = families.MODEL_TYPES
 # safetensors dtype code -> (our dtype name, numpy dtype of its bits).
 _ST_DTYPES = {"F32": ("float32", np.float32), "F16": ("float16", np.float16)}
 _ST_DTYPES["BF16"] = ("bfloat16", np.uint16)
@@ -148,7 +157,8 @@ def _weight_files(src: str) -> list[str]:
 
 
 def read_hf_config(src: str) -> dict[str, Any]:
-    """The folder's config.json with defaults filled in; INVALID_ARGUMENT unless Llama."""
+    """The folder's config.json with the architecture's defaults filled in; INVALID_ARGUMENT
+    unless its model_type is one that converts (`MODEL_TYPES`)."""
     path = os.path.join(src, "config.json")
     if not os.path.isfile(path):
         raise InvalidArgumentError(
@@ -156,41 +166,64 @@ def read_hf_config(src: str) -> dict[str, Any]:
         )
     with open(path) as f:
         config = json.load(f)
-    if config.get("model_type") not in MODEL_TYPES:
+    if not config.get("model_type"):
         raise InvalidArgumentError(
-            f"{path}: model_type {config.get('model_type')!r} is not supported; "
-            f"only {', '.join(MODEL_TYPES)} converts"
+            f"{path} names no model_type; supported: {', '.join(MODEL_TYPES)}"
         )
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if rope.get("rope_type", "default") != "default":
-        logger.warning("%s: RoPE type %r is not converted; plain RoPE applies", path, rope)
-    if "rope_theta" not in config and "rope_theta" in rope:
-        config["rope_theta"] = rope["rope_theta"]  # transformers 5 keeps it there
+    family = families.model_type(config, path)
+    if family == "llama":
+        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+        if rope.get("rope_type", "default") != "default":
+            logger.warning("%s: RoPE type %r is not converted; plain RoPE applies", path, rope)
+        if "rope_theta" not in config and "rope_theta" in rope:
+            config["rope_theta"] = rope["rope_theta"]  # transformers 5 keeps it there
+        config.setdefault("hidden_act", "silu")
     # The architecture keys it lacks, with transformers' defaults.
-    config = {**LlamaArchitecture.from_hf_config(config).to_hf_config(), **config}
-    config.setdefault("hidden_act", "silu")
-    return config
+    return {**families.architecture(config, path).to_hf_config(), **config}
+
+
+def _canonical(family: str, source: TensorSource) -> TensorSource:
+    """The tensor under its transformers name (BLOOM's original releases lack `transformer.`)."""
+    if family == "bloom" and not source.name.startswith(("transformer.", "lm_head.")):
+        return dataclasses.replace(source, name="transformer." + source.name)
+    return source
+
+
+def _family_tokenizer(family: str, files: dict[str, bytes]) -> dict[str, bytes]:
+    """The tokenizer files with the family's chat template where they have none (BLOOM:
+    Firefly's)."""
+    if family != "bloom" or "chat_template.jinja" in files:
+        return files
+    config = json.loads(files.get(TOKENIZER_CONFIG, b"{}"))
+    if config.get("chat_template"):
+        return files
+    config["chat_template"] = FIREFLY_CHAT_TEMPLATE
+    logger.info("the tokenizer has no chat template; it takes Firefly's, BLOOM's chat format")
+    return {**files, TOKENIZER_CONFIG: json_bytes(config)}
 
 
 def read_model(src: str) -> SourceModel:
-    """Reads a Hugging Face Llama folder; its dtype is the config's torch_dtype (else the
-    weights' dtype, else float32)."""
+    """Reads a Hugging Face folder of a family that converts; its dtype is the config's
+    torch_dtype (else the weights' dtype, else float32)."""
     if not os.path.isdir(src):
         raise InvalidArgumentError(f"{src} is not a folder; point at a Hugging Face model folder")
     config = read_hf_config(src)
-    tied = bool(config["tie_word_embeddings"])
+    family = families.model_type(config, src)
+    arch = families.architecture(config, src)
+    tied = bool(config.get("tie_word_embeddings", arch.tie_embeddings))
     sources: list[TensorSource] = []
     seen: set[str] = set()
     for path in _weight_files(src):
         found, dtypes = (_safetensors_sources if path.endswith(".safetensors") else _torch_sources)(
             path
         )
+        found = [_canonical(family, t) for t in found]
         sources += [t for t in found if not _is_skipped(t.name, tied)]
         seen |= dtypes
-    check_tensors(sources, LlamaArchitecture.from_hf_config(config).tensor_shapes(), src)
+    check_tensors(sources, arch.tensor_shapes(), src, family=family)
     declared = config.get("torch_dtype") or config.get("dtype")
     dtype = declared if declared in DTYPES else (seen.pop() if len(seen) == 1 else "float32")
     for key in ("dtype", "torch_dtype", "transformers_version", "_name_or_path"):
         config.pop(key, None)
-    tokenizer = hf_tokenizer_files(src)
+    tokenizer = _family_tokenizer(family, hf_tokenizer_files(src))
     return SourceModel(config=config, tensors=sources, tokenizer_files=tokenizer, dtype=dtype)

@@ -229,6 +229,11 @@ def build_jax_runner(
     """Builds the runner: mesh, weights streamed onto their shards, KV cache of `num_slots`
     slots (default: the largest batch size), then the warm-up compilation."""
     config.validate()
+    if not isinstance(config, LlamaConfig):
+        raise FailedPreconditionError(
+            f"the JAX engine serves Llama configs, not {type(config).__name__}; serve it with "
+            "the torch backend (--backend torch)"
+        )
     if config.dtype == "auto":  # TPUs compute in bfloat16; XLA's CPU kernels in float32
         dtype = "bfloat16" if jax.devices()[0].platform == "tpu" else "float32"
         logger.info("DTYPE auto: %s on %s", dtype, jax.devices()[0].platform)

@@ -1,4 +1,4 @@
-"""Served forms of the torch Llama's linear weights: fused projections, weight-only int8 and int4.
+"""Served forms of the torch decoders' linear weights: fused projections, weight-only int8 and int4.
 
 After loading, `fuse` builds each layer's fused projections: Q, K and V into one matrix, the
 MLP's gate and up into another (the per-projection parameters become views of them), and sets
@@ -33,9 +33,10 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from model_server.models.llama_torch import LlamaForCausalLM, Weight
+from model_server.models.paged_torch import PagedDecoder, Weight
 from sax.errors import InvalidArgumentError
-from servables.configs.llama import INT4_GROUP_SIZES
+from servables.decoder_config import INT4_GROUP_SIZES
+from servables.memory import LAYER_RE
 
 # Rows up to which an int8 weight is multiplied by the int8 kernel; more are dequantized first.
 _INT8_KERNEL_MAX_ROWS = 32
@@ -254,7 +255,7 @@ class Scheme:
 
 def is_layer_linear(name: str, tensor: torch.Tensor) -> bool:
     """Whether a checkpoint tensor is a layer's linear weight (the ones quantization covers)."""
-    return name.startswith("model.layers.") and name.endswith("_proj.weight") and tensor.dim() == 2
+    return bool(LAYER_RE.match(name)) and name.endswith(".weight") and tensor.dim() == 2
 
 
 def to_int8(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> Int8Weight:
@@ -277,37 +278,29 @@ def _cat(parts: Sequence[Weight]) -> Weight:
     return torch.cat(cast(Sequence[torch.Tensor], parts))
 
 
-def fuse(model: LlamaForCausalLM, quantized: Mapping[str, QuantizedWeight] | None = None) -> None:
-    """Sets each layer's fused projections ([q; k; v], [gate; up]) and o and down from its
-    weights, or from `quantized` (canonical name -> quantized weight) for the weights it holds,
-    and the model's `head` from quantized["lm_head.weight"] when there is one. Float
-    per-projection parameters become views of the fused matrices (no second copy)."""
+def fuse(model: PagedDecoder, quantized: Mapping[str, QuantizedWeight] | None = None) -> None:
+    """Sets each layer's served projections (`PagedDecoder.projections`: Llama's [q; k; v] and
+    [gate; up] fused, o and down; BLOOM's as they are) from its weights, or from `quantized`
+    (canonical name -> quantized weight) for the weights it holds, and the model's `head` from
+    quantized["lm_head.weight"] when there is one. Float weights that are fused become views of
+    the fused matrix (no second copy)."""
     quantized = quantized or {}
 
     def served(module: nn.Linear, name: str) -> Weight:
         # A plain tensor (detached), not a Parameter: not registered on the module.
         return quantized.get(name) or module.weight.detach()
 
-    for i, layer in enumerate(model.decoder_layers):
-        prefix = f"model.layers.{i}."
-        attn, mlp = layer.self_attn, layer.mlp
-
-        qkv_mods = {"q_proj": attn.q_proj, "k_proj": attn.k_proj, "v_proj": attn.v_proj}
-        parts = [served(m, f"{prefix}self_attn.{n}.weight") for n, m in qkv_mods.items()]
-        attn.qkv = _cat(parts)
-        attn.o = _served(served(attn.o_proj, f"{prefix}self_attn.o_proj.weight"))
-        mlp_mods = {"gate_proj": mlp.gate_proj, "up_proj": mlp.up_proj}
-        parts = [served(m, f"{prefix}mlp.{n}.weight") for n, m in mlp_mods.items()]
-        mlp.gate_up = _cat(parts)
-        mlp.down = _served(served(mlp.down_proj, f"{prefix}mlp.down_proj.weight"))
-        for modules, fused in ((qkv_mods, attn.qkv), (mlp_mods, mlp.gate_up)):
-            if isinstance(fused, torch.Tensor):
-                start = 0
-                for module in modules.values():
-                    rows = module.weight.shape[0]
-                    view = fused[start : start + rows]
-                    module.weight = nn.Parameter(view, requires_grad=False)
-                    start += rows
+    for owner, attr, modules in model.projections():
+        parts = [served(m, name) for m, name in modules]
+        fused = _cat(parts) if len(parts) > 1 else _served(parts[0])
+        setattr(owner, attr, fused)
+        if len(parts) > 1 and isinstance(fused, torch.Tensor):
+            start = 0
+            for module, _ in modules:
+                rows = module.weight.shape[0]
+                view = fused[start : start + rows]
+                module.weight = nn.Parameter(view, requires_grad=False)
+                start += rows
     head = quantized.get(HEAD)
     if head is not None:
         model.head = _served(head)

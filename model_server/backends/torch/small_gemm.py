@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional
 
-from model_server.models.llama_torch import LlamaForCausalLM
+from model_server.models.paged_torch import PagedDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -211,15 +211,12 @@ def _float_cpu(weight: object) -> bool:
     )
 
 
-def install(model: LlamaForCausalLM, gemm: SmallGemm) -> int:
+def install(model: PagedDecoder, gemm: SmallGemm) -> int:
     """Serves the model's float32 CPU projections (and its float32 output projection) through
     the kernel for the row counts where it measures faster than torch on the model's own
     weights. Returns the most rows it serves (0: nothing changed). Call it on the thread that
     runs the steps, with their thread count set: that is the team the kernel runs on."""
-    slots: list[tuple[object, str]] = []
-    for layer in model.decoder_layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        slots += [(attn, "qkv"), (attn, "o"), (mlp, "gate_up"), (mlp, "down")]
+    slots = [(owner, name) for owner, name, _ in model.projections()]
     slots = [(owner, name) for owner, name in slots if _float_cpu(getattr(owner, name))]
     if not slots:
         return 0

@@ -1,6 +1,6 @@
-"""The torch runner: the engine's `Runner` over a PyTorch Llama on CPU or CUDA.
+"""The torch runner: the engine's `Runner` over a PyTorch decoder (Llama, BLOOM) on CPU or CUDA.
 
-It owns a Llama model and its paged KV cache: blocks of KV_BLOCK_SIZE positions, as many as
+It owns the model and its paged KV cache: blocks of KV_BLOCK_SIZE positions, as many as
 KV_CACHE_TOKENS holds (default: every one of `num_slots` sequences at its full length,
 INPUT_SEQ_LEN + MAX_DECODE_STEPS). The engine's scheduler hands out the blocks; each sequence
 in a step comes with its block table. An engine step runs in one pass through the model
@@ -37,9 +37,9 @@ from model_server.backends.torch.threads import ThreadTuner, thread_choices
 from model_server.backends.torch.weights import build_model, resolve_dtype
 from model_server.engine.kv_cache import blocks_for
 from model_server.engine.scheduler import BlockCopy, SchedulerOutput
-from model_server.models.llama_torch import Chunk, DecodeRows, LlamaForCausalLM, Part
+from model_server.models.paged_torch import Chunk, DecodeRows, PagedDecoder, Part
 from sax.errors import FailedPreconditionError, InvalidArgumentError
-from servables.configs.llama import LlamaConfig
+from servables.decoder_config import DecoderConfig
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 SPAN_STEP = 32
 
 
-def resolve_devices(config: LlamaConfig, device: str | torch.device) -> list[torch.device]:
+def resolve_devices(config: DecoderConfig, device: str | torch.device) -> list[torch.device]:
     """The devices of the model: on CUDA, one per device of the config's mesh (cuda:0..N-1
     when `device` names no index); elsewhere the one device."""
     dev = torch.device(device)
@@ -66,13 +66,14 @@ def resolve_devices(config: LlamaConfig, device: str | torch.device) -> list[tor
 
 
 class TorchRunner(RunnerChecks, LogitsRunner):
-    """The engine's `Runner` over `LlamaForCausalLM` (sampling on the host). Calls are
+    """The engine's `Runner` over a torch decoder of any family (`PagedDecoder`; sampling on
+    the host). Calls are
     serialized by a lock."""
 
     def __init__(
         self,
-        config: LlamaConfig,
-        model: LlamaForCausalLM,
+        config: DecoderConfig,
+        model: PagedDecoder,
         num_slots: int,
         cpu_threads: int | None = None,
     ) -> None:
@@ -86,7 +87,7 @@ class TorchRunner(RunnerChecks, LogitsRunner):
         self._per_slot = blocks_for(self.max_seq_len, self._block_size)
         tokens = config.kv_cache_tokens or num_slots * self._per_slot * self._block_size
         self._num_blocks = blocks_for(tokens, self._block_size)
-        self._model: LlamaForCausalLM | None = model
+        self._model: PagedDecoder | None = model
         self._lock = threading.Lock()
         self._tuner: ThreadTuner | None = None
         if model.devices[0].type == "cpu":
@@ -137,7 +138,7 @@ class TorchRunner(RunnerChecks, LogitsRunner):
                 f"positions, not {end}"
             )
 
-    def _live(self) -> LlamaForCausalLM:
+    def _live(self) -> PagedDecoder:
         """The model (under the lock), its kernels chosen on the first call."""
         if self._model is None:
             raise FailedPreconditionError("the runner was closed; load the model again")
@@ -303,7 +304,7 @@ def _one_cpu_thread() -> Iterator[None]:
 
 
 def build_runner(
-    config: LlamaConfig,
+    config: DecoderConfig,
     tensors: Iterable[tuple[str, torch.Tensor]],
     device: str | torch.device = "cpu",
     num_slots: int | None = None,
@@ -326,7 +327,7 @@ def build_runner(
         runner = TorchRunner(config, model, slots, cpu_threads=threads)
     logger.info(
         "runner ready: %d layers on %s, %d slots x %d positions, batch sizes %s, buckets %s",
-        config.num_layers,
+        model.config.num_layers,
         ", ".join(str(d) for d in devices),
         slots,
         runner.max_seq_len,

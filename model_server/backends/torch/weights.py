@@ -1,4 +1,5 @@
-"""Builds the torch Llama from (canonical name, tensor) pairs: checks, placement, streaming load.
+"""Builds a torch decoder (Llama, BLOOM: the family of the config's architecture) from
+(canonical name, tensor) pairs: checks, placement, streaming load.
 
 The module is built on the "meta" device and each weight is placed on its device as it streams
 in (`load_weights`), so the host never holds a second full copy of the model. With several
@@ -18,9 +19,13 @@ import torch
 from torch import nn
 
 from model_server.backends.torch import quantize
+from model_server.models.bloom_torch import BloomForCausalLM
 from model_server.models.llama_torch import LlamaForCausalLM
+from model_server.models.paged_torch import PagedDecoder
 from sax.errors import FailedPreconditionError
-from servables.configs.llama import LlamaConfig
+from servables.configs.bloom import BloomArchitecture
+from servables.configs.llama import LlamaArchitecture
+from servables.decoder_config import DecoderConfig
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +33,11 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 # Checkpoint tensors that are not parameters here (recomputed buffers).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _MISMATCH_HINT = "check that the config name matches the checkpoint"
+# Architecture -> the torch model of its family.
+MODELS: dict[type, type[PagedDecoder]] = {
+    LlamaArchitecture: LlamaForCausalLM,
+    BloomArchitecture: BloomForCausalLM,
+}
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:
@@ -49,14 +59,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
     return chosen
 
 
-def _check_config(config: LlamaConfig) -> None:
+def _check_config(config: DecoderConfig) -> None:
     if config.quantization not in ("none", "int8", "int4"):
         raise FailedPreconditionError(
             f"the torch engine serves QUANTIZATION none, int8 or int4, not {config.quantization!r}"
         )
 
 
-def quantization_scheme(config: LlamaConfig) -> quantize.Scheme | None:
+def quantization_scheme(config: DecoderConfig) -> quantize.Scheme | None:
     """What QUANTIZATION, LM_HEAD_QUANTIZATION and QUANTIZATION_GROUP_SIZE ask for; None for
     float weights."""
     if config.quantization == "none":
@@ -67,10 +77,10 @@ def quantization_scheme(config: LlamaConfig) -> quantize.Scheme | None:
 
 
 def build_model(
-    config: LlamaConfig,
+    config: DecoderConfig,
     tensors: Iterable[tuple[str, torch.Tensor]],
     devices: Sequence[torch.device | str] = ("cpu",),
-) -> LlamaForCausalLM:
+) -> PagedDecoder:
     """The model with the checkpoint's weights, in `config.dtype`, placed on `devices` (layers
     split between them) and fused (quantized with QUANTIZATION=int8 or int4); no KV cache yet
     (`allocate_cache`).
@@ -79,8 +89,15 @@ def build_model(
     dict's items. FAILED_PRECONDITION for an unknown, missing or misshapen tensor.
     """
     _check_config(config)
+    arch = config.architecture()
+    family = MODELS.get(type(arch))
+    if family is None:
+        raise FailedPreconditionError(
+            f"the torch engine serves no model of {type(arch).__name__}; families: "
+            f"{', '.join(sorted(a.__name__ for a in MODELS))}"
+        )
     with torch.device("meta"):
-        model = LlamaForCausalLM(config.architecture())
+        model = family(arch)
     place(model, [torch.device(d) for d in devices])
     scheme = quantization_scheme(config)
     quantized = load_weights(model, tensors, TORCH_DTYPES[config.dtype], scheme)
@@ -89,20 +106,11 @@ def build_model(
     return model
 
 
-def place(model: LlamaForCausalLM, devices: Sequence[torch.device]) -> None:
+def place(model: PagedDecoder, devices: Sequence[torch.device]) -> None:
     """Sets where the model runs: contiguous groups of layers, one group per device, in order."""
     n = model.config.num_layers
     model.devices = list(devices)
     model.layer_devices = [devices[i * len(devices) // n] for i in range(n)]
-
-
-def param_device(model: LlamaForCausalLM, name: str) -> torch.device:
-    """Device of the parameter with this canonical name."""
-    if name.startswith("model.layers."):
-        return model.layer_devices[int(name.split(".")[2])]
-    if name.startswith("model.embed_tokens."):
-        return model.devices[0]
-    return model.devices[-1]
 
 
 def _lacks(missing: Sequence[str]) -> FailedPreconditionError:
@@ -114,7 +122,7 @@ def _lacks(missing: Sequence[str]) -> FailedPreconditionError:
 
 
 def load_weights(
-    model: LlamaForCausalLM,
+    model: PagedDecoder,
     tensors: Iterable[tuple[str, torch.Tensor]],
     dtype: torch.dtype,
     scheme: quantize.Scheme | None = None,
@@ -136,8 +144,8 @@ def load_weights(
         param = params.get(name)
         if param is None:
             raise FailedPreconditionError(
-                f"the checkpoint has a tensor {name!r} that a Llama of this config does not; "
-                + _MISMATCH_HINT
+                f"the checkpoint has a tensor {name!r} that a {type(model).__name__} of this "
+                f"config does not; {_MISMATCH_HINT}"
             )
         if tuple(tensor.shape) != tuple(param.shape):
             raise FailedPreconditionError(
@@ -146,7 +154,7 @@ def load_weights(
             )
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name)
-        device = param_device(model, name)
+        device = model.param_device(name)
         loaded.add(name)
         if scheme is not None and (kind := scheme.kind(name, tensor)) != "none":
             quantized[name] = scheme.quantize(kind, tensor, device, dtype)
@@ -157,12 +165,12 @@ def load_weights(
     missing = sorted(set(params) - loaded)
     if missing:
         raise _lacks(missing)
-    head_device = param_device(model, quantize.HEAD)
+    head_device = model.param_device(quantize.HEAD)
     if tied and scheme is not None and scheme.head != "none":
-        embed = model.model.embed_tokens.weight
+        embed = model.embedding().weight
         quantized[quantize.HEAD] = scheme.quantize(scheme.head, embed, head_device, dtype)
     elif tied:
-        embed = model.model.embed_tokens.weight
+        embed = model.embedding().weight
         weight = embed
         if embed.device != head_device:
             weight = nn.Parameter(embed.detach().to(head_device), requires_grad=False)
@@ -173,9 +181,9 @@ def load_weights(
     return quantized
 
 
-def _stand_in_for_head(model: LlamaForCausalLM, dtype: torch.dtype) -> None:
+def _stand_in_for_head(model: PagedDecoder, dtype: torch.dtype) -> None:
     """Replaces the output projection's float weight, served from its quantized copy
-    (`LlamaForCausalLM.head`), by a "meta" tensor of its shape and dtype: no storage, not a
+    (`PagedDecoder.head`), by a "meta" tensor of its shape and dtype: no storage, not a
     parameter, still the model's dtype (the KV cache's), and an error if it is multiplied."""
     lm_head = model.lm_head
     lm_head._parameters.pop("weight", None)

@@ -10,8 +10,9 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from model_server.backends.torch.weights import build_model, load_weights, param_device, place
-from model_server.models.llama_torch import Chunk, DecodeRows, LlamaForCausalLM
+from model_server.backends.torch.weights import build_model, load_weights, place
+from model_server.models.llama_torch import LlamaForCausalLM
+from model_server.models.paged_torch import Chunk, DecodeRows
 from sax.errors import FailedPreconditionError
 from servables.configs.llama import LlamaConfig
 
@@ -205,7 +206,7 @@ def test_layers_split_over_devices_in_contiguous_groups() -> None:
     model = build_model(TINY, hf_model(TINY).state_dict().items())
     place(model, [torch.device("cuda", i) for i in range(2)])  # placement arithmetic only
     assert [d.index for d in model.layer_devices] == [0, 0, 1]
-    assert param_device(model, "model.embed_tokens.weight").index == 0
-    assert param_device(model, "model.layers.2.mlp.up_proj.weight").index == 1
-    assert param_device(model, "model.norm.weight").index == 1
-    assert param_device(model, "lm_head.weight").index == 1
+    assert model.param_device("model.embed_tokens.weight").index == 0
+    assert model.param_device("model.layers.2.mlp.up_proj.weight").index == 1
+    assert model.param_device("model.norm.weight").index == 1
+    assert model.param_device("lm_head.weight").index == 1
