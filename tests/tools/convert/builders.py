@@ -248,3 +248,42 @@ def tree_digest(root: pathlib.Path) -> dict[str, str]:
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
+
+
+BLOOM = {"vocab_size": 320, "hidden_size": 256, "n_layer": 2, "n_head": 4}
+
+
+def tiny_bloom(*, seed: int = 0, **overrides: Any) -> Any:
+    """A random transformers BloomForCausalLM (float32; weights, norms and biases random)."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(seed)
+    model = BloomForCausalLM(BloomConfig(**{**BLOOM, **overrides}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name or "ln_f" in name:
+                p.uniform_(0.5, 1.5) if name.endswith("weight") else p.uniform_(-0.1, 0.1)
+            else:
+                p.normal_(0.0, 0.05 if name.endswith("bias") else 0.3)
+    return model.eval()
+
+
+def save_bloom_tokenizer(path: pathlib.Path) -> None:
+    """A small byte-level BPE tokenizer with BLOOM's special tokens (<unk>, <s>, </s>, <pad> as
+    ids 0..3) and no chat template, saved the transformers way into path."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<pad>"])
+    tok.train_from_iterator(["hello world", "你好 世界", "the quick brown fox"], trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+    )
+    fast.save_pretrained(path)
