@@ -53,10 +53,14 @@ def servable_model_paths(chip: str, topology: str, backend: str = "torch") -> li
     config of the chip is listed whatever its default mesh: it serves on this server when
     published with an ICI_MESH_SHAPE of the topology's device count (the admin checks that)."""
     from servables.configs.llama import LlamaConfig
+    from servables.decoder_config import DecoderConfig
 
     names = []
     for name in registry.names():
         config = registry.get(name)
+        jax_decoder = backend == "jax" and isinstance(config, DecoderConfig)
+        if jax_decoder and not isinstance(config, LlamaConfig):
+            continue  # the JAX engine serves Llama only
         shardable = backend == "jax" and isinstance(config, LlamaConfig) and chip in config.chips
         if shardable or config.can_serve_on(chip, topology):
             names.append(name)

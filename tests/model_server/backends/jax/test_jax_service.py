@@ -81,6 +81,9 @@ def test_jax_server_advertises_llama_configs_for_any_mesh() -> None:
     assert "llama.SmolLM2_135M" not in servable_model_paths("cpu", "8", "torch")
     assert "llama.LLaMA70BFP16TPUv5e" in servable_model_paths("tpuv5e", "16", "jax")
     assert "llama.SmolLM2_135M" not in servable_model_paths("tpuv5e", "8", "jax")
+    # BLOOM runs on torch only: a JAX server does not offer it, a torch CPU server does.
+    assert not [p for p in servable_model_paths("cpu", "1", "jax") if p.startswith("bloom.")]
+    assert "bloom.Bloom560M" in servable_model_paths("cpu", "1", "torch")
 
 
 def test_generate_matches_torch(jax_lm, torch_lm) -> None:
