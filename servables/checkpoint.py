@@ -10,8 +10,9 @@
   state/commit_success.txt
   tokenizer/tokenizer.json, tokenizer_config.json, ...
 ```
-Paths are local folders or gs://bucket/prefix URLs. Tensors use Hugging Face Llama names and
-layouts. Safetensors headers are read with the `safetensors` library (`read_safetensors`).
+Paths are local folders or gs://bucket/prefix URLs. Tensors use transformers' names and layouts
+of the family (Llama, BLOOM). Safetensors headers are read with the `safetensors` library
+(`read_safetensors`).
 Import-light: torch and safetensors are imported only when headers or tensors are read.
 """
 

@@ -41,7 +41,7 @@ def decode_step_bytes(config: Any, context: int, batch: int = 1) -> dict[str, in
     elem = 4 if config.dtype == "float32" else 2
     embed = config.vocab_size * config.model_dim * elem
     weights = est.weight_bytes
-    if not config.tie_embeddings:
+    if not config.architecture().tie_embeddings:
         weights -= embed  # the embedding table is looked up, not read
     kv = batch * context * est.kv_bytes_per_token
     return {"weights": int(weights), "kv_cache": int(kv), "total": int(weights + kv)}

@@ -184,7 +184,7 @@ class BloomArchitecture:
         field that decides the weights' shapes; config_name is the servable config the message
         names. Keys the checkpoint lacks are not compared."""
         config = f"the config {config_name}" if config_name else "the config"
-        model_type = checkpoint_config.get("model_type", "bloom")
+        model_type = checkpoint_config.get("model_type") or "llama"
         if model_type != "bloom":
             raise FailedPreconditionError(
                 f"checkpoint {path} holds a {model_type!r} model but {config} serves BLOOM; "
