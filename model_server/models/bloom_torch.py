@@ -209,9 +209,7 @@ class BloomForCausalLM(PagedDecoder):
         return self.logits(self.transformer.ln_f(x.to(self.devices[-1])))
 
     def step(self, tokens: torch.Tensor, parts: Sequence[Part]) -> torch.Tensor:
-        tensors = step_tensors(parts, self.block_size, self.config.num_heads)
-        if tensors["positions"].shape[0] != tokens.shape[0]:
-            raise ValueError(f"{tokens.shape[0]} tokens for parts of {len(tensors['positions'])}")
+        tensors = step_tensors(parts, self.block_size, self.config.num_heads, tokens.shape[0])
         dtype = self.lm_head.weight.dtype
         for i, part in enumerate(parts):
             allowed = tensors.pop(f"mask{i}", None)

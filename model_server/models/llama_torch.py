@@ -255,9 +255,7 @@ class LlamaForCausalLM(PagedDecoder):
         return self.logits(self.model.norm(x.to(self.devices[-1])))
 
     def step(self, tokens: torch.Tensor, parts: Sequence[Part]) -> torch.Tensor:
-        tensors = step_tensors(parts, self.block_size, self.config.num_kv_heads)
-        if tensors["positions"].shape[0] != tokens.shape[0]:
-            raise ValueError(f"{tokens.shape[0]} tokens for parts of {len(tensors['positions'])}")
+        tensors = step_tensors(parts, self.block_size, self.config.num_kv_heads, tokens.shape[0])
         per_device = PerDevice(tensors)
         x = self.model.embed_tokens(tokens.to(self.devices[0]))[None]  # [1, N, D]
         rope: dict[torch.device, torch.Tensor] = {}

@@ -94,7 +94,9 @@ def linears(owner: nn.Module, prefix: str, *names: str) -> list[tuple[nn.Linear,
     return [(getattr(owner, n), f"{prefix}{n}.weight") for n in names]
 
 
-def step_tensors(parts: Sequence[Part], block_size: int, kv_heads: int) -> StepTensors:
+def step_tensors(
+    parts: Sequence[Part], block_size: int, kv_heads: int, num_tokens: int
+) -> StepTensors:
     """The index tensors of a step (on the host): "positions" [N] (each token's position in its
     sequence), "kv_rows" [N * KV] (its cache rows), and per part i "blocks{i}" (the tables to
     gather; absent for chunks from position 0 and decode rows attended in place) and "mask{i}"
@@ -126,6 +128,8 @@ def step_tensors(parts: Sequence[Part], block_size: int, kv_heads: int) -> StepT
             tensors[f"mask{i}"] = mask[:, None, None, :]  # [B, 1, 1, A]
         positions.append(pos)
     pos = torch.cat(positions)
+    if pos.shape[0] != num_tokens:
+        raise ValueError(f"{num_tokens} tokens for parts of {pos.shape[0]}")
     cells = torch.cat(blocks) * size + pos % size  # [N]: cache position of each token
     heads = torch.arange(kv_heads)
     tensors["kv_rows"] = (cells[:, None] * kv_heads + heads[None, :]).flatten()  # [N * KV]

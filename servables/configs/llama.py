@@ -150,6 +150,12 @@ class LlamaArchitecture:
         checkpoint at path (whose config.json is checkpoint_config) disagrees; config_name is
         the servable config the message names. Keys the checkpoint lacks are not compared."""
         config = f"the config {config_name}" if config_name else "the config"
+        model_type = checkpoint_config.get("model_type") or "llama"
+        if model_type != "llama":
+            raise FailedPreconditionError(
+                f"checkpoint {path} holds a {model_type!r} model but {config} serves Llama; "
+                "publish it with a config of its family"
+            )
         for name in _CHECKED:
             key, ours = _HF_KEYS[name][0], getattr(self, name)
             if key in checkpoint_config and checkpoint_config[key] != ours:
